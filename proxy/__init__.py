@@ -1,0 +1,1 @@
+"""tlsedge: a TLS-terminating SNI reverse proxy for a PaaS edge node."""

@@ -1,0 +1,342 @@
+"""Composition root: the supervisor process and the data-plane worker processes.
+
+The supervisor binds the listening sockets, serves /metrics, validates reloads and
+spawns N workers (fresh interpreters that inherit the sockets); each worker builds
+its own snapshots and serves. Signal handlers only set state; shutdown has a
+deadline; a second SIGTERM/SIGINT forces the exit.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import ctypes
+import logging
+import os
+import signal
+import socket
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+from proxy import metrics
+from proxy.certs.table import CertSelector, ContextCache, install_sni_unraisable_hook
+from proxy.certs.tls import base_context
+from proxy.config import Config, parse_address
+from proxy.dataplane.server import Worker
+from proxy.dataplane.state import Live
+from proxy.errors import TlsEdgeError
+from proxy.sync import Snapshot, load_static
+
+log = logging.getLogger("tlsedge")
+
+
+def setup_logging(level: str = "info") -> None:
+    logging.basicConfig(
+        level=getattr(logging, level.upper(), logging.INFO),
+        format="%(asctime)s %(levelname)s %(name)s[%(process)d]: %(message)s",
+        stream=sys.stderr,
+    )
+
+
+def sd_notify(message: str) -> None:
+    """Tell systemd (Type=notify) about readiness; a no-op outside systemd."""
+    address = os.environ.get("NOTIFY_SOCKET")
+    if not address:
+        return
+    if address.startswith("@"):
+        address = "\0" + address[1:]
+    with contextlib.suppress(OSError), socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as s:
+        s.connect(address)
+        s.sendall(message.encode())
+
+
+def _listen_socket(address: str, *, reuse_port: bool) -> socket.socket:
+    host, port = parse_address(address, where="listen")
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    if reuse_port:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    try:
+        sock.bind((host, port))
+    except OSError as exc:
+        sock.close()
+        raise TlsEdgeError(f"cannot listen on {address}: {exc.strerror}") from None
+    sock.listen(1024)
+    sock.set_inheritable(True)
+    sock.setblocking(False)
+    return sock
+
+
+# -- worker ---------------------------------------------------------------------------
+
+def _die_with_parent() -> None:
+    """Linux: get SIGTERM when the supervisor dies, so no worker is orphaned."""
+    with contextlib.suppress(OSError, AttributeError):
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+
+
+@dataclass
+class _WorkerRuntime:
+    config_path: str
+    snapshot: Snapshot
+    live: Live
+    cache: ContextCache
+    stop: asyncio.Event = field(default_factory=asyncio.Event)
+    forced: bool = False
+
+
+def _live_from(snapshot: Snapshot, cache: ContextCache) -> Live:
+    config = snapshot.config
+    selector = CertSelector(snapshot.certs, cache)
+    ctx = base_context(snapshot.tls)
+    ctx.sni_callback = selector.sni_callback
+    _, https_port = parse_address(config.listen.https, where="listen.https")
+    return Live(selector=selector, tls_context=ctx, routes=snapshot.routes,
+                limits=config.limits, https_port=https_port,
+                handshake_timeout=config.tls.handshake_timeout,
+                trusted_proxies=config.trusted_proxies)
+
+
+def _reload_worker(rt: _WorkerRuntime) -> None:
+    """Re-read config and certificates; swap only if all of it is valid."""
+    try:
+        snapshot = load_static(rt.config_path)
+    except TlsEdgeError as exc:
+        metrics.RELOADS.labels("failed").inc()
+        log.error("reload failed, still serving the previous config: %s", exc)
+        return
+    live = rt.live
+    if snapshot.tls != rt.snapshot.tls:
+        # TLS policy changed: new contexts; the cache is rebuilt lazily.
+        rt.cache = ContextCache(snapshot.tls, snapshot.config.tls.context_cache_size)
+        selector = CertSelector(snapshot.certs, rt.cache)
+        ctx = base_context(snapshot.tls)
+        ctx.sni_callback = selector.sni_callback
+        live.selector, live.tls_context = selector, ctx
+    else:
+        live.selector.swap(snapshot.certs)
+    live.routes = snapshot.routes
+    live.limits = snapshot.config.limits
+    rt.snapshot = snapshot
+    log.info("reloaded: %d certificate names, %d apps, %d domains", len(snapshot.certs),
+             len(snapshot.routes.apps), len(snapshot.routes.domains))
+
+
+async def _serve_worker(config_path: str, https_fd: int, http_fd: int, ready_fd: int) -> int:
+    snapshot = load_static(config_path)
+    cache = ContextCache(snapshot.tls, snapshot.config.tls.context_cache_size)
+    rt = _WorkerRuntime(config_path, snapshot, _live_from(snapshot, cache), cache)
+    https_sock = socket.socket(fileno=https_fd)
+    http_sock = socket.socket(fileno=http_fd)
+    worker = Worker(rt.live, https_sock, http_sock)
+    await worker.start()
+    loop = asyncio.get_running_loop()
+
+    def on_term() -> None:
+        if rt.stop.is_set():
+            rt.forced = True
+            os._exit(1)
+        rt.stop.set()
+
+    loop.add_signal_handler(signal.SIGTERM, on_term)
+    loop.add_signal_handler(signal.SIGINT, on_term)
+    loop.add_signal_handler(signal.SIGHUP, _reload_worker, rt)
+    os.write(ready_fd, b"ready\n")
+    os.close(ready_fd)
+    await rt.stop.wait()
+    deadline = time.monotonic() + rt.snapshot.config.limits.drain_timeout
+    await worker.drain(deadline)
+    return 0
+
+
+def run_worker(config_path: str, https_fd: int, http_fd: int, ready_fd: int) -> int:
+    import uvloop
+
+    _die_with_parent()
+    install_sni_unraisable_hook()
+    return uvloop.run(_serve_worker(config_path, https_fd, http_fd, ready_fd))
+
+
+# -- supervisor -----------------------------------------------------------------------
+
+class Supervisor:
+    """One per node: owns the sockets, the workers, /metrics and the reload gate."""
+
+    def __init__(self, config_path: str, *, on_ready: Callable[[], None] | None = None) -> None:
+        self.config_path = config_path
+        self.snapshot = load_static(config_path)
+        self.on_ready = on_ready
+        config = self.snapshot.config
+        self.count = config.worker_count
+        reuse = self.count > 1
+        # One socket per worker with SO_REUSEPORT: the kernel spreads connections
+        # evenly (a shared socket wakes one busy worker most of the time). The
+        # supervisor keeps them, so a restarted worker inherits its queue.
+        self.https = [_listen_socket(config.listen.https, reuse_port=reuse)
+                      for _ in range(self.count)]
+        self.http = [_listen_socket(config.listen.http, reuse_port=reuse)
+                     for _ in range(self.count)]
+        self.procs: list[asyncio.subprocess.Process | None] = [None] * self.count
+        self.stopping = False
+        self._metrics_server: object | None = None
+
+    def start_metrics(self) -> None:
+        address = self.snapshot.config.listen.metrics
+        if address is None:
+            return
+        from prometheus_client import CollectorRegistry, start_http_server
+        from prometheus_client.multiprocess import MultiProcessCollector
+
+        registry = CollectorRegistry()
+        MultiProcessCollector(registry)
+        registry.register(metrics.CertificateExpiry(lambda: self.snapshot.expiry()))
+        host, port = parse_address(address, where="listen.metrics")
+        try:
+            self._metrics_server = start_http_server(port, addr=host, registry=registry)
+        except OSError as exc:
+            raise TlsEdgeError(f"cannot listen on {address}: {exc.strerror}") from None
+
+    async def _spawn(self, index: int) -> None:
+        read_fd, write_fd = os.pipe()
+        https_fd = self.https[index].fileno()
+        http_fd = self.http[index].fileno()
+        proc = await asyncio.create_subprocess_exec(
+            sys.executable, "-m", "proxy.cli", "worker", "-c", self.config_path,
+            "--https-fd", str(https_fd), "--http-fd", str(http_fd),
+            "--ready-fd", str(write_fd),
+            pass_fds=(https_fd, http_fd, write_fd))
+        os.close(write_fd)
+        self.procs[index] = proc
+        loop = asyncio.get_running_loop()
+        try:
+            line = await loop.run_in_executor(None, os.read, read_fd, 64)
+        finally:
+            os.close(read_fd)
+        if not line:
+            code = await proc.wait()
+            raise TlsEdgeError(f"worker {index} exited with status {code} before serving")
+
+    async def _watch(self, index: int) -> None:
+        """Restart a worker that died, with a short backoff."""
+        delay = 0.5
+        while not self.stopping:
+            proc = self.procs[index]
+            assert proc is not None
+            code = await proc.wait()
+            self._mark_dead(proc.pid)
+            if self.stopping:
+                return
+            log.error("worker %d (pid %d) exited with status %s; restarting", index,
+                      proc.pid, code)
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, 30.0)
+            try:
+                await self._spawn(index)
+                delay = 0.5
+            except TlsEdgeError as exc:
+                log.error("%s", exc)
+
+    @staticmethod
+    def _mark_dead(pid: int) -> None:
+        if os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
+            from prometheus_client import multiprocess
+
+            multiprocess.mark_process_dead(pid)
+
+    def reload(self) -> None:
+        """Validate the new config and certificates; only then tell the workers."""
+        sd_notify("RELOADING=1")
+        try:
+            snapshot = load_static(self.config_path)
+        except TlsEdgeError as exc:
+            metrics.RELOADS.labels("failed").inc()
+            log.error("reload refused, still serving the previous config: %s", exc)
+            sd_notify("READY=1")
+            return
+        old = self.snapshot.config
+        new = snapshot.config
+        if (new.listen, new.workers) != (old.listen, old.workers):
+            log.warning("listen addresses and worker count change only on restart")
+        self.snapshot = snapshot
+        for proc in self.procs:
+            if proc is not None and proc.returncode is None:
+                proc.send_signal(signal.SIGHUP)
+        metrics.RELOADS.labels("ok").inc()
+        metrics.RELOAD_LAST_SUCCESS.set(time.time())
+        log.info("reload accepted; workers are swapping their tables")
+        sd_notify("READY=1")
+
+    async def run(self) -> int:
+        loop = asyncio.get_running_loop()
+        stop = asyncio.Event()
+        forced = False
+
+        def on_term() -> None:
+            nonlocal forced
+            if stop.is_set():
+                forced = True
+                for proc in self.procs:
+                    if proc is not None and proc.returncode is None:
+                        proc.kill()
+                os._exit(1)
+            stop.set()
+
+        loop.add_signal_handler(signal.SIGTERM, on_term)
+        loop.add_signal_handler(signal.SIGINT, on_term)
+        loop.add_signal_handler(signal.SIGHUP, self.reload)
+        try:
+            await asyncio.gather(*(self._spawn(i) for i in range(self.count)))
+        except TlsEdgeError:
+            stop.set()
+            await self._stop_workers()
+            raise
+        metrics.RELOAD_LAST_SUCCESS.set(time.time())
+        watchers = [asyncio.create_task(self._watch(i), name=f"watch-worker-{i}")
+                    for i in range(self.count)]
+        log.info("serving https on %s, http on %s with %d worker(s)",
+                 self.snapshot.config.listen.https, self.snapshot.config.listen.http,
+                 self.count)
+        sd_notify("READY=1")
+        if self.on_ready is not None:
+            self.on_ready()
+        await stop.wait()
+        sd_notify("STOPPING=1")
+        self.stopping = True
+        await self._stop_workers()
+        for task in watchers:
+            task.cancel()
+        return 0
+
+    async def _stop_workers(self) -> None:
+        self.stopping = True
+        grace = self.snapshot.config.limits.drain_timeout + 5.0
+        live = [p for p in self.procs if p is not None and p.returncode is None]
+        for proc in live:
+            proc.send_signal(signal.SIGTERM)
+        try:
+            await asyncio.wait_for(asyncio.gather(*(p.wait() for p in live)), grace)
+        except asyncio.TimeoutError:
+            for proc in live:
+                if proc.returncode is None:
+                    proc.kill()
+        for proc in live:
+            self._mark_dead(proc.pid)
+
+
+def run_supervisor(config_path: str, *, on_ready: Callable[[], None] | None = None) -> int:
+    import uvloop
+
+    supervisor = Supervisor(config_path, on_ready=on_ready)
+    setup_logging(supervisor.snapshot.config.log_level)
+    supervisor.start_metrics()
+    return uvloop.run(supervisor.run())
+
+
+def check_config(config_path: str) -> Config:
+    """Validate a config and every certificate it names (what ExecReload runs)."""
+    return load_static(config_path).config

@@ -1,0 +1,226 @@
+"""The SNI certificate table: an immutable name -> certificate map (exact, then
+one-label wildcard, then default), a bounded LRU of SSLContexts, and the selector a
+listener's SNI callback runs. The callback never does I/O, never raises, and never
+parses PEM for a cached certificate.
+"""
+
+from __future__ import annotations
+
+import logging
+import ssl
+import sys
+from collections import OrderedDict
+from collections.abc import Callable, Iterable, Mapping
+from typing import Any
+
+from proxy.certs.bundle import CertBundle
+from proxy.certs.tls import TlsSettings, server_context
+from proxy.metrics import CONTEXT_BUILDS, CONTEXT_CACHE_SIZE, SNI_LOOKUPS
+from proxy.names import sni_key
+
+__all__ = ["CertEntry", "CertSelector", "CertTable", "ContextCache",
+           "install_sni_unraisable_hook"]
+
+log = logging.getLogger(__name__)
+
+SOURCES = frozenset({"platform", "static", "custom", "acme"})
+
+# Bound once: .labels() costs a dict lookup and a lock per call.
+_COUNT = {word: SNI_LOOKUPS.labels(word)
+          for word in ("exact", "wildcard", "default", "rejected", "error")}
+_UNRECOGNIZED = ssl.ALERT_DESCRIPTION_UNRECOGNIZED_NAME
+_INTERNAL = ssl.ALERT_DESCRIPTION_INTERNAL_ERROR
+
+
+class CertEntry:
+    """One certificate in the table and where it came from."""
+
+    __slots__ = ("bundle", "source")
+
+    def __init__(self, bundle: CertBundle, source: str) -> None:
+        if source not in SOURCES:
+            raise ValueError(f"unknown certificate source {source!r}")
+        self.bundle = bundle
+        self.source = source
+
+    @property
+    def fingerprint(self) -> str:
+        return self.bundle.fingerprint
+
+    def __repr__(self) -> str:
+        return f"CertEntry({self.bundle.primary_name!r}, {self.source!r})"
+
+
+class ContextCache:
+    """Bounded LRU fingerprint -> SSLContext, shared across table generations.
+
+    A swap to a new table keeps every unchanged certificate's context. Memory is
+    bounded by max_size (~19.5 kB per context), not by the number of certificates.
+    Not thread-safe: used from the event-loop thread that runs the handshakes.
+    """
+
+    __slots__ = ("_contexts", "_max_size", "_settings")
+
+    def __init__(self, settings: TlsSettings, max_size: int = 10_000) -> None:
+        if max_size < 1:
+            raise ValueError("max_size must be at least 1")
+        self._settings = settings
+        self._max_size = max_size
+        self._contexts: OrderedDict[str, ssl.SSLContext] = OrderedDict()
+
+    def get(self, entry: CertEntry) -> ssl.SSLContext:
+        """The entry's context; builds it on a miss (BundleError if OpenSSL refuses)."""
+        fingerprint = entry.bundle.fingerprint
+        contexts = self._contexts
+        ctx = contexts.get(fingerprint)
+        if ctx is not None:
+            contexts.move_to_end(fingerprint)
+            return ctx
+        bundle = entry.bundle
+        ctx = server_context(bundle.chain_pem, bundle.key_pem, self._settings)
+        CONTEXT_BUILDS.inc()
+        contexts[fingerprint] = ctx
+        if len(contexts) > self._max_size:
+            contexts.popitem(last=False)
+        CONTEXT_CACHE_SIZE.set(len(contexts))
+        return ctx
+
+    def __contains__(self, fingerprint: object) -> bool:
+        return fingerprint in self._contexts
+
+    def __len__(self) -> int:
+        return len(self._contexts)
+
+
+class CertTable:
+    """Immutable map from names to certificates; build a new one instead of mutating.
+
+    lookup order: exact name, then the one-label wildcard "*.rest", then the default
+    (None when reject_unknown or no default). No SNI (or an IP literal) gets the
+    default even with reject_unknown: such a client has no name to be unknown.
+    """
+
+    __slots__ = ("_default", "_exact", "_reject_unknown", "_wild")
+
+    def __init__(self, exact: dict[str, CertEntry], wild: dict[str, CertEntry],
+                 default: CertEntry | None, reject_unknown: bool) -> None:
+        self._exact = exact
+        self._wild = wild  # keyed by the suffix after '*': ".example.com"
+        self._default = default
+        self._reject_unknown = reject_unknown
+
+    @classmethod
+    def build(cls, names: Mapping[str, CertEntry], default: CertEntry | None, *,
+              reject_unknown: bool = False) -> CertTable:
+        """Keys are normalised names or "*.x.y" patterns (names.normalize).
+
+        A "*.tld" pattern is not indexed: RFC 6125 lets it match nothing.
+        """
+        exact: dict[str, CertEntry] = {}
+        wild: dict[str, CertEntry] = {}
+        for name, entry in names.items():
+            if name.startswith("*."):
+                if name.count(".") >= 2:
+                    wild[name[1:]] = entry
+            else:
+                exact[name] = entry
+        return cls(exact, wild, default, reject_unknown)
+
+    @classmethod
+    def from_entries(cls, entries: Iterable[CertEntry], default: CertEntry | None, *,
+                     reject_unknown: bool = False) -> CertTable:
+        """Index each entry under all its names; the FIRST entry to claim a name wins."""
+        names: dict[str, CertEntry] = {}
+        for entry in entries:
+            for name in entry.bundle.names:
+                names.setdefault(name, entry)
+        return cls.build(names, default, reject_unknown=reject_unknown)
+
+    def lookup(self, server_name: str | None) -> tuple[CertEntry | None, str]:
+        """(entry, how) with how in exact|wildcard|default|rejected; entry None = reject."""
+        key = sni_key(server_name)
+        if key is not None:
+            entry = self._exact.get(key)
+            if entry is not None:
+                return entry, "exact"
+            dot = key.find(".")
+            if dot > 0:
+                entry = self._wild.get(key[dot:])
+                if entry is not None:
+                    return entry, "wildcard"
+            if self._reject_unknown:
+                return None, "rejected"
+        if self._default is None:
+            return None, "rejected"
+        return self._default, "default"
+
+    @property
+    def default(self) -> CertEntry | None:
+        return self._default
+
+    def entries(self) -> list[CertEntry]:
+        """Distinct entries (the default included), in first-indexed order."""
+        seen: dict[int, CertEntry] = {}
+        for entry in (*self._exact.values(), *self._wild.values()):
+            seen.setdefault(id(entry), entry)
+        if self._default is not None:
+            seen.setdefault(id(self._default), self._default)
+        return list(seen.values())
+
+    def __len__(self) -> int:
+        return len(self._exact) + len(self._wild)
+
+
+class CertSelector:
+    """What a listener holds: the current table and the shared context cache.
+
+    swap() is one reference assignment, so a handshake sees the old table or the
+    new one, never a mix. Runs on the event-loop thread.
+    """
+
+    __slots__ = ("cache", "table")
+
+    def __init__(self, table: CertTable, cache: ContextCache) -> None:
+        self.table = table
+        self.cache = cache
+
+    def swap(self, table: CertTable) -> None:
+        self.table = table
+
+    def sni_callback(self, ssl_object: ssl.SSLObject | ssl.SSLSocket,
+                     server_name: str | None, base: object) -> int | None:
+        """Set the connection's context for `server_name`; an alert number on refusal."""
+        try:
+            entry, how = self.table.lookup(server_name)
+            if entry is None:
+                _COUNT["rejected"].inc()
+                return _UNRECOGNIZED
+            ssl_object.context = self.cache.get(entry)
+            _COUNT[how].inc()
+            return None
+        except Exception as exc:  # an exception here would only reach the unraisable hook
+            _COUNT["error"].inc()
+            log.warning("SNI callback failed: %s: %s", type(exc).__name__, exc)
+            return _INTERNAL
+
+
+def install_sni_unraisable_hook() -> Callable[[Any], None]:
+    """Turn CPython's traceback for a non-ASCII SNI into one warning line.
+
+    CPython decodes the server name as ASCII before our callback runs; a client
+    sending other bytes makes it print an "unraisable" UnicodeDecodeError with a
+    traceback and refuse the handshake. Everything else goes to the previous hook,
+    which is returned (so a test or caller can put it back).
+    """
+    previous = sys.unraisablehook
+
+    def hook(args: Any) -> None:
+        if (isinstance(args.exc_value, UnicodeDecodeError)
+                and isinstance(args.object, bytes | bytearray)):
+            log.warning("TLS handshake refused: client sent a non-ASCII server name "
+                        "(%d bytes)", len(args.object))
+            return
+        previous(args)
+
+    sys.unraisablehook = hook
+    return previous

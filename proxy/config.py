@@ -1,0 +1,219 @@
+"""Static configuration: YAML -> frozen, typed objects.
+
+Every error names the file and the key path (`config.yaml: tls.platform_certificate.key:
+file not found`). Loading reads only the YAML and checks that referenced files exist;
+it never parses certificates (that is certs/) and never touches the store.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from pathlib import Path
+from typing import Any, Literal
+
+import msgspec
+import yaml
+
+from proxy import names
+from proxy.errors import ConfigError, InvalidName
+
+
+class _Strict(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw_only=True):
+    pass
+
+
+class CertFiles(_Strict):
+    cert: str
+    key: str
+
+
+class Listen(_Strict):
+    https: str = "127.0.0.1:8443"
+    http: str = "127.0.0.1:8080"
+    metrics: str | None = "127.0.0.1:9100"
+    admin: str | None = None
+
+
+class Tls(_Strict):
+    platform_certificate: CertFiles
+    certificates: tuple[CertFiles, ...] = ()
+    unknown_sni: Literal["platform", "reject"] = "platform"
+    # SSLContexts kept built; each costs ~20 kB, so 10,000 is ~200 MB at most.
+    context_cache_size: int = 10_000
+    # TLS 1.3 session tickets sent after a full handshake (OpenSSL's default is 2).
+    session_tickets: int = 2
+    handshake_timeout: float = 10.0
+
+
+class Store(_Strict):
+    backend: Literal["files"] = "files"
+    path: str = "./tlsedge-data"
+
+
+class AppConfig(_Strict):
+    backends: tuple[str, ...]
+    force_https: bool = False
+    canonical_domain: str | None = None
+
+
+class Limits(_Strict):
+    request_head_timeout: float = 10.0
+    max_head_bytes: int = 65_536
+    max_headers: int = 100
+    max_body_bytes: int = 75 * 1024 * 1024
+    keepalive_timeout: float = 60.0
+    upstream_connect_timeout: float = 5.0
+    upstream_first_byte_timeout: float = 30.0
+    upstream_read_timeout: float = 60.0
+    max_connections: int = 10_000
+    drain_timeout: float = 30.0
+
+
+class Config(_Strict):
+    platform_domain: str
+    tls: Tls
+    listen: Listen = Listen()
+    workers: int | Literal["auto"] = 1
+    store: Store = Store()
+    apps: dict[str, AppConfig] = {}
+    domains: dict[str, str] = {}
+    limits: Limits = Limits()
+    trusted_proxies: tuple[str, ...] = ()
+    log_level: Literal["debug", "info", "warning", "error"] = "info"
+    # Filled in by load(): where the file was, so relative paths resolve against it.
+    source: str = ""
+
+    @property
+    def worker_count(self) -> int:
+        if self.workers == "auto":
+            return os.cpu_count() or 1
+        return self.workers
+
+
+_MSGSPEC_PATH = re.compile(r"^(?P<what>.*?)(?: - at `\$(?P<path>[^`]*)`)?$")
+
+
+def _key_path(raw: str) -> str:
+    return raw.lstrip(".").replace("`", "")
+
+
+def _explain(err: msgspec.ValidationError) -> tuple[str, str]:
+    """Split a msgspec message into (key path, reason) in our words."""
+    m = _MSGSPEC_PATH.match(str(err))
+    assert m is not None
+    what, path = m.group("what"), _key_path(m.group("path") or "")
+    field = re.search(r"field `([^`]+)`", what)
+    if what.startswith("Object missing required field") and field:
+        path = f"{path}.{field.group(1)}" if path else field.group(1)
+        return path, "required key is missing"
+    if what.startswith("Object contains unknown field") and field:
+        path = f"{path}.{field.group(1)}" if path else field.group(1)
+        return path, "unknown key"
+    what = what.replace("`", "")
+    return path, what[0].lower() + what[1:] if what else "invalid value"
+
+
+def parse_address(value: str, *, where: str) -> tuple[str, int]:
+    """'host:port' or '[v6]:port' -> (host, port)."""
+    host, sep, port = value.rpartition(":")
+    if not sep or not port.isdigit() or not 0 < int(port) < 65536:
+        raise ConfigError(f"{where}: expected host:port, got {value!r}")
+    host = host.strip("[]")
+    if not host:
+        raise ConfigError(f"{where}: expected host:port, got {value!r}")
+    return host, int(port)
+
+
+def load(path: str | os.PathLike[str]) -> Config:
+    """Read, validate and resolve one config file. Raises ConfigError."""
+    file = Path(path)
+    label = file.name
+    try:
+        text = file.read_text(encoding="utf-8")
+    except OSError as exc:
+        raise ConfigError(f"{file}: cannot read config: {exc.strerror}") from None
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f" (line {mark.line + 1}, column {mark.column + 1})" if mark else ""
+        problem = getattr(exc, "problem", None) or "not valid YAML"
+        raise ConfigError(f"{label}: invalid YAML{where}: {problem}") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"{label}: expected a mapping of settings at the top level")
+    try:
+        config = msgspec.convert(data, Config)
+    except msgspec.ValidationError as exc:
+        key, reason = _explain(exc)
+        raise ConfigError(f"{label}: {key}: {reason}") from None
+    return _resolve(config, file)
+
+
+def _resolve(config: Config, file: Path) -> Config:
+    label = file.name
+    base = file.resolve().parent
+
+    def ok_file(p: str, key: str) -> str:
+        full = (base / p).resolve()
+        if not full.is_file():
+            raise ConfigError(f"{label}: {key}: file not found ({full})")
+        return str(full)
+
+    def cert_files(c: CertFiles, key: str) -> CertFiles:
+        return CertFiles(cert=ok_file(c.cert, f"{key}.cert"), key=ok_file(c.key, f"{key}.key"))
+
+    def norm(name: str, key: str, *, wildcard: bool = False) -> str:
+        try:
+            return names.normalize(name, allow_wildcard=wildcard)
+        except InvalidName as exc:
+            raise ConfigError(f"{label}: {key}: {exc}") from None
+
+    platform = norm(config.platform_domain, "platform_domain")
+    tls = msgspec.structs.replace(
+        config.tls,
+        platform_certificate=cert_files(config.tls.platform_certificate,
+                                        "tls.platform_certificate"),
+        certificates=tuple(cert_files(c, f"tls.certificates[{i}]")
+                           for i, c in enumerate(config.tls.certificates)),
+    )
+    if tls.context_cache_size < 1:
+        raise ConfigError(f"{label}: tls.context_cache_size: must be at least 1")
+    if not 0 <= tls.session_tickets <= 16:
+        raise ConfigError(f"{label}: tls.session_tickets: must be between 0 and 16")
+    for key in ("https", "http", "metrics", "admin"):
+        value = getattr(config.listen, key)
+        if value is not None:
+            parse_address(value, where=f"{label}: listen.{key}")
+    if isinstance(config.workers, int) and not 1 <= config.workers <= 256:
+        raise ConfigError(f"{label}: workers: must be between 1 and 256, or \"auto\"")
+    apps: dict[str, AppConfig] = {}
+    for app, spec in config.apps.items():
+        if not re.fullmatch(r"[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?", app):
+            raise ConfigError(f"{label}: apps.{app}: app names are lower-case DNS labels")
+        if not spec.backends:
+            raise ConfigError(f"{label}: apps.{app}.backends: at least one backend is needed")
+        for i, backend in enumerate(spec.backends):
+            parse_address(backend, where=f"{label}: apps.{app}.backends[{i}]")
+        canonical = spec.canonical_domain
+        if canonical is not None:
+            canonical = norm(canonical, f"apps.{app}.canonical_domain")
+        apps[app] = msgspec.structs.replace(spec, canonical_domain=canonical)
+    domains: dict[str, str] = {}
+    for domain, app in config.domains.items():
+        name = norm(domain, f"domains.{domain}")
+        if app not in apps:
+            raise ConfigError(f"{label}: domains.{domain}: unknown app {app!r}")
+        domains[name] = app
+    store = config.store
+    store = msgspec.structs.replace(store, path=str((base / store.path).resolve()))
+    return msgspec.structs.replace(
+        config, platform_domain=platform, tls=tls, apps=apps, domains=domains, store=store,
+        source=str(file.resolve()),
+    )
+
+
+def to_builtins(config: Config) -> dict[str, Any]:
+    """The resolved config as plain data (for `check-config --json` and debugging)."""
+    out: dict[str, Any] = msgspec.to_builtins(config)
+    return out

@@ -1,0 +1,155 @@
+"""Listeners of one worker: accept TCP, upgrade to TLS, hand over to the HTTP session.
+
+The HTTPS listener accepts plain TCP and upgrades with `loop.start_tls()`, so bytes
+before the handshake can be inspected later (PROXY protocol) and every handshake has
+a result and a duration. Owns connection accounting and draining; never reads the
+store and never does slow work in a handshake.
+"""
+
+from __future__ import annotations
+
+from typing import cast
+
+import asyncio
+import logging
+import socket
+import ssl
+import time
+
+from proxy import metrics
+from proxy.dataplane.http80 import PlainHttpSession
+from proxy.dataplane.https import HttpSession
+from proxy.dataplane.state import Live
+from proxy.dataplane.upstream import UpstreamPool
+
+log = logging.getLogger("tlsedge.server")
+
+
+class TlsAccept(asyncio.Protocol):
+    """A freshly accepted HTTPS-listener connection, until its handshake ends."""
+
+    __slots__ = ("_early", "_started", "_task", "session", "transport", "worker")
+
+    def __init__(self, worker: Worker) -> None:
+        self.worker = worker
+        self.transport: asyncio.Transport | None = None
+        self.session: HttpSession | None = None
+        self._early = bytearray()
+        self._started = 0.0
+        self._task: asyncio.Task[asyncio.Transport] | None = None
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        worker = self.worker
+        tcp = cast(asyncio.Transport, transport)
+        if worker.open_connections >= worker.live.limits.max_connections:
+            metrics.LIMITS_HIT.labels("max_connections").inc()
+            tcp.abort()
+            return
+        worker.open_connections += 1
+        self.transport = tcp
+        self._started = time.monotonic()
+        peer = transport.get_extra_info("peername")
+        session = HttpSession(worker.live, worker.pool, scheme="https",
+                              port=worker.live.https_port,
+                              peer=peer[0] if peer else "", on_lost=worker.session_closed)
+        self.session = session
+        loop = worker.loop
+        self._task = loop.create_task(
+            loop.start_tls(tcp, session, worker.live.tls_context, server_side=True,
+                           ssl_handshake_timeout=worker.live.handshake_timeout),
+            name="tls-handshake")
+        self._task.add_done_callback(self._handshake_done)
+        # start_tls swaps the transport's protocol in the task's first step and
+        # schedules the TLS protocol's connection_made; bytes we already read (uvloop
+        # may read the ClientHello before we could pause) must reach the TLS side
+        # after that, so hand them over two loop turns from now.
+        loop.call_soon(loop.call_soon, self._hand_over_early_bytes)
+
+    def data_received(self, data: bytes) -> None:
+        self._early += data
+
+    def connection_lost(self, exc: BaseException | None) -> None:
+        pass
+
+    def _hand_over_early_bytes(self) -> None:
+        if not self._early or self.transport is None or self.transport.is_closing():
+            return
+        tls = self.transport.get_protocol()
+        data, self._early = bytes(self._early), bytearray()
+        # Both asyncio's and uvloop's TLS protocols are buffered protocols (uvloop's
+        # is a Cython class, so no isinstance check): copy into the buffers they lend.
+        view = memoryview(data)
+        while view:
+            buf = tls.get_buffer(len(view))  # type: ignore[attr-defined]
+            n = min(len(buf), len(view))
+            buf[:n] = view[:n]
+            tls.buffer_updated(n)  # type: ignore[attr-defined]
+            view = view[n:]
+
+    def _handshake_done(self, task: asyncio.Task[asyncio.Transport]) -> None:
+        self._task = None
+        worker = self.worker
+        if task.cancelled():
+            worker.open_connections -= 1
+            return
+        exc = task.exception()
+        if exc is not None:
+            worker.open_connections -= 1
+            if isinstance(exc, (asyncio.TimeoutError, TimeoutError)):
+                result = "timeout"
+            elif isinstance(exc, ssl.SSLError) and "UNRECOGNIZED_NAME" in str(exc).upper():
+                result = "rejected"
+            else:
+                result = "failed"
+            metrics.HANDSHAKES.labels(result, "").inc()
+            return
+        tls_transport = task.result()
+        sslobj = tls_transport.get_extra_info("ssl_object")
+        version = sslobj.version() if sslobj is not None else ""
+        metrics.HANDSHAKES.labels("ok", version or "").inc()
+        metrics.HANDSHAKE_SECONDS.observe(time.monotonic() - self._started)
+        metrics.ACTIVE_CONNECTIONS.labels("https").inc()
+        session = self.session
+        if session is not None:
+            session.tls_version = version or ""
+            worker.sessions.add(session)
+            session.connection_made(tls_transport)
+
+
+class Worker:
+    """The listeners of one data-plane process and the connections they hold."""
+
+    def __init__(self, live: Live, https_sock: socket.socket, http_sock: socket.socket) -> None:
+        self.live = live
+        self.loop = asyncio.get_running_loop()
+        self.pool = UpstreamPool(connect_timeout=live.limits.upstream_connect_timeout)
+        self.sessions: set[HttpSession] = set()
+        self.open_connections = 0
+        self._https_sock = https_sock
+        self._http_sock = http_sock
+        self._servers: list[asyncio.Server] = []
+
+    async def start(self) -> None:
+        loop = self.loop
+        self._servers.append(await loop.create_server(
+            lambda: TlsAccept(self), sock=self._https_sock, backlog=1024))
+        self._servers.append(await loop.create_server(
+            lambda: PlainHttpSession(self.live), sock=self._http_sock, backlog=1024))
+
+    def session_closed(self, session: HttpSession) -> None:
+        if session in self.sessions:
+            self.sessions.discard(session)
+            metrics.ACTIVE_CONNECTIONS.labels("https").dec()
+        self.open_connections -= 1
+
+    async def drain(self, deadline: float) -> None:
+        """Stop accepting, let in-flight requests finish, close the rest at `deadline`."""
+        for server in self._servers:
+            server.close()
+        for session in list(self.sessions):
+            session.drain()
+        while self.sessions and time.monotonic() < deadline:
+            await asyncio.sleep(0.05)
+        for session in list(self.sessions):
+            session.abort()
+        self.pool.close()

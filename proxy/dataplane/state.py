@@ -1,0 +1,38 @@
+"""Live: what one worker's listeners read on every connection and request.
+
+Each attribute is an immutable snapshot replaced by one assignment (the composition
+root does the swapping); listeners read the attribute afresh per connection or per
+request and never mutate what they got.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import ssl
+from collections.abc import Mapping
+
+from proxy.certs.table import CertSelector
+from proxy.config import Limits
+from proxy.routing import RouteTable
+
+
+class Live:
+    __slots__ = ("challenges", "handshake_timeout", "https_port", "limits", "routes",
+                 "selector", "tls_context", "trusted_proxies")
+
+    def __init__(self, *, selector: CertSelector, tls_context: ssl.SSLContext,
+                 routes: RouteTable, limits: Limits, https_port: int,
+                 handshake_timeout: float = 10.0,
+                 challenges: Mapping[str, str] | None = None,
+                 trusted_proxies: tuple[str, ...] = ()) -> None:
+        self.selector = selector
+        # The context every handshake starts with; its sni_callback picks the
+        # certificate's own context from `selector`.
+        self.tls_context = tls_context
+        self.handshake_timeout = handshake_timeout
+        self.routes = routes
+        self.limits = limits
+        self.https_port = https_port
+        self.challenges: Mapping[str, str] = challenges or {}
+        self.trusted_proxies = tuple(ipaddress.ip_network(p, strict=False)
+                                     for p in trusted_proxies)

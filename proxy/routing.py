@@ -1,0 +1,98 @@
+"""RouteTable: the immutable Host -> app -> backends snapshot the data plane reads.
+
+Built whole from config (and later the store), then swapped in by one assignment;
+nothing here does I/O. The backend rotation counter is the only mutable state, and
+it is per-worker and harmless to race.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+
+from proxy.config import AppConfig, parse_address
+
+
+@dataclass(frozen=True, slots=True)
+class Backend:
+    host: str
+    port: int
+
+    @property
+    def key(self) -> str:
+        return f"{self.host}:{self.port}"
+
+
+class App:
+    """One app as routed: its backends and the per-app options."""
+
+    __slots__ = ("_next", "backends", "canonical_domain", "force_https", "name")
+
+    def __init__(self, name: str, backends: tuple[Backend, ...], *, force_https: bool = False,
+                 canonical_domain: str | None = None) -> None:
+        self.name = name
+        self.backends = backends
+        self.force_https = force_https
+        self.canonical_domain = canonical_domain
+        self._next = 0
+
+    @classmethod
+    def from_config(cls, name: str, spec: AppConfig) -> App:
+        backends = tuple(Backend(*parse_address(b, where=f"apps.{name}.backends"))
+                         for b in spec.backends)
+        return cls(name, backends, force_https=spec.force_https,
+                   canonical_domain=spec.canonical_domain)
+
+    def rotation(self) -> list[Backend]:
+        """Backends in the order to try for one request: round-robin start."""
+        n = len(self.backends)
+        start = self._next % n
+        self._next = start + 1
+        return [self.backends[(start + i) % n] for i in range(n)]
+
+
+class RouteTable:
+    """Immutable map from a request's Host to its app.
+
+    `<app>.<platform_domain>` routes to app `<app>`; custom domains route through
+    the `domains` map. Lookups take an already lower-cased host without port.
+    """
+
+    __slots__ = ("_apps", "_domains", "_suffix", "platform_domain")
+
+    def __init__(self, platform_domain: str, apps: Mapping[str, App],
+                 domains: Mapping[str, str]) -> None:
+        self.platform_domain = platform_domain
+        self._suffix = "." + platform_domain
+        self._apps = dict(apps)
+        self._domains = {d: self._apps[a] for d, a in domains.items() if a in self._apps}
+
+    @property
+    def apps(self) -> Mapping[str, App]:
+        return self._apps
+
+    @property
+    def domains(self) -> Mapping[str, App]:
+        return self._domains
+
+    def resolve(self, host: str) -> App | None:
+        app = self._domains.get(host)
+        if app is not None:
+            return app
+        if host.endswith(self._suffix):
+            label = host[: -len(self._suffix)]
+            if label and "." not in label:
+                return self._apps.get(label)
+        return None
+
+
+def split_host(value: str) -> str:
+    """Host header value -> lower-case host without port or trailing dot."""
+    host = value.strip().lower()
+    if host.startswith("["):
+        end = host.find("]")
+        return host[: end + 1] if end > 0 else host
+    colon = host.rfind(":")
+    if colon >= 0:
+        host = host[:colon]
+    return host.rstrip(".")

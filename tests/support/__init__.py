@@ -1,0 +1,1 @@
+"""Reusable test infrastructure: a local DNS server, Pebble, an HTTP-01 responder, ports."""
