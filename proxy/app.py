@@ -193,7 +193,7 @@ class Supervisor:
         from prometheus_client.multiprocess import MultiProcessCollector
 
         registry = CollectorRegistry()
-        MultiProcessCollector(registry)
+        MultiProcessCollector(registry)  # type: ignore[no-untyped-call]
         registry.register(metrics.CertificateExpiry(lambda: self.snapshot.expiry()))
         host, port = parse_address(address, where="listen.metrics")
         try:
@@ -246,7 +246,7 @@ class Supervisor:
         if os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
             from prometheus_client import multiprocess
 
-            multiprocess.mark_process_dead(pid)
+            multiprocess.mark_process_dead(pid)  # type: ignore[no-untyped-call]
 
     def reload(self) -> None:
         """Validate the new config and certificates; only then tell the workers."""
@@ -320,7 +320,7 @@ class Supervisor:
             proc.send_signal(signal.SIGTERM)
         try:
             await asyncio.wait_for(asyncio.gather(*(p.wait() for p in live)), grace)
-        except asyncio.TimeoutError:
+        except TimeoutError:
             for proc in live:
                 if proc.returncode is None:
                     proc.kill()

@@ -23,19 +23,19 @@ class _Strict(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw_only=T
     pass
 
 
-class CertFiles(_Strict):
+class CertFiles(_Strict, frozen=True):
     cert: str
     key: str
 
 
-class Listen(_Strict):
+class Listen(_Strict, frozen=True):
     https: str = "127.0.0.1:8443"
     http: str = "127.0.0.1:8080"
     metrics: str | None = "127.0.0.1:9100"
     admin: str | None = None
 
 
-class Tls(_Strict):
+class Tls(_Strict, frozen=True):
     platform_certificate: CertFiles
     certificates: tuple[CertFiles, ...] = ()
     unknown_sni: Literal["platform", "reject"] = "platform"
@@ -46,18 +46,18 @@ class Tls(_Strict):
     handshake_timeout: float = 10.0
 
 
-class Store(_Strict):
+class Store(_Strict, frozen=True):
     backend: Literal["files"] = "files"
     path: str = "./tlsedge-data"
 
 
-class AppConfig(_Strict):
+class AppConfig(_Strict, frozen=True):
     backends: tuple[str, ...]
     force_https: bool = False
     canonical_domain: str | None = None
 
 
-class Limits(_Strict):
+class Limits(_Strict, frozen=True):
     request_head_timeout: float = 10.0
     max_head_bytes: int = 65_536
     max_headers: int = 100
@@ -70,7 +70,7 @@ class Limits(_Strict):
     drain_timeout: float = 30.0
 
 
-class Config(_Strict):
+class Config(_Strict, frozen=True):
     platform_domain: str
     tls: Tls
     listen: Listen = Listen()

@@ -37,7 +37,7 @@ def _write_key(path: Path, key: ec.EllipticCurvePrivateKey) -> None:
 
 
 def _certificates(folder: Path) -> None:
-    now = dt.datetime.now(dt.timezone.utc)
+    now = dt.datetime.now(dt.UTC)
     ca_key = ec.generate_private_key(ec.SECP256R1())
     ca = (x509.CertificateBuilder().subject_name(_name("tlsedge demo CA"))
           .issuer_name(_name("tlsedge demo CA")).public_key(ca_key.public_key())
@@ -63,7 +63,7 @@ def _certificates(folder: Path) -> None:
 
 
 class _Hello(BaseHTTPRequestHandler):
-    def do_GET(self) -> None:  # noqa: N802 (http.server's naming)
+    def do_GET(self) -> None:
         body = json.dumps({
             "app": "hello", "path": self.path, "host": self.headers.get("Host"),
             "x-forwarded-for": self.headers.get("X-Forwarded-For"),
@@ -75,7 +75,7 @@ class _Hello(BaseHTTPRequestHandler):
         self.end_headers()
         self.wfile.write(body)
 
-    def log_message(self, format: str, *args: object) -> None:  # noqa: A002
+    def log_message(self, format: str, *args: object) -> None:
         pass
 
 

@@ -7,10 +7,9 @@ reads the store.
 
 from __future__ import annotations
 
-from typing import cast
-
 import asyncio
 import logging
+from typing import cast
 
 import httptools
 

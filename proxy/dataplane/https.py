@@ -8,16 +8,16 @@ never blocks, and never forwards a request the parser rejected.
 
 from __future__ import annotations
 
-from typing import cast
-
 import asyncio
 import logging
 import os
 import time
 from collections import deque
 from collections.abc import Callable
+from typing import cast
 
 import httptools
+from prometheus_client import Counter
 
 from proxy import metrics
 from proxy.dataplane import pages
@@ -106,9 +106,29 @@ class Request:
 class HttpSession(asyncio.Protocol):
     """One client connection (after TLS) speaking HTTP/1.1 to us."""
 
-    __slots__ = ("_client_paused", "_current", "_done", "_early", "_idle_timer", "_loop", "_on_lost",
-                 "_read_paused", "_queue", "_queue_waiter", "_resp", "_task", "closed", "live",
-                 "parser", "peer", "pool", "port", "scheme", "tls_version", "transport")
+    __slots__ = (
+        "_client_paused",
+        "_current",
+        "_done",
+        "_early",
+        "_idle_timer",
+        "_loop",
+        "_on_lost",
+        "_queue",
+        "_queue_waiter",
+        "_read_paused",
+        "_resp",
+        "_task",
+        "closed",
+        "live",
+        "parser",
+        "peer",
+        "pool",
+        "port",
+        "scheme",
+        "tls_version",
+        "transport",
+    )
 
     def __init__(self, live: Live, pool: UpstreamPool, *, scheme: str, port: int,
                  peer: str, tls_version: str = "",
@@ -365,7 +385,7 @@ class HttpSession(asyncio.Protocol):
         return b"".join(out)
 
 
-_REQUESTS_CHILDREN: dict[tuple[str, int], metrics.Counter] = {}
+_REQUESTS_CHILDREN: dict[tuple[str, int], Counter] = {}
 
 
 def count(app: str, status: int) -> None:
@@ -403,7 +423,7 @@ class _Exchange:
         for backend in app.rotation():
             try:
                 conn, reused = await session.pool.acquire(backend)
-            except (OSError, asyncio.TimeoutError) as exc:
+            except (TimeoutError, OSError) as exc:
                 kind = "timeout" if isinstance(exc, asyncio.TimeoutError) else "connect"
                 metrics.UPSTREAM_ERRORS.labels(app.name, kind).inc()
                 continue
@@ -477,9 +497,7 @@ class _Exchange:
         for name, value in headers:
             lname = name.lower()
             if lname in _RESPONSE_DROP or lname in connection_named:
-                if lname == b"content-length" and framing == "length":
-                    out += (name, b": ", value, b"\r\n")
-                elif lname == b"content-length" and framing == "none":
+                if lname == b"content-length" and framing in ("length", "none"):
                     out += (name, b": ", value, b"\r\n")
                 continue
             out += (name, b": ", value, b"\r\n")

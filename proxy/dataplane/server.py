@@ -8,13 +8,12 @@ store and never does slow work in a handshake.
 
 from __future__ import annotations
 
-from typing import cast
-
 import asyncio
 import logging
 import socket
 import ssl
 import time
+from typing import cast
 
 from proxy import metrics
 from proxy.dataplane.http80 import PlainHttpSession
@@ -36,7 +35,7 @@ class TlsAccept(asyncio.Protocol):
         self.session: HttpSession | None = None
         self._early = bytearray()
         self._started = 0.0
-        self._task: asyncio.Task[asyncio.Transport] | None = None
+        self._task: asyncio.Task[asyncio.Transport | None] | None = None
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         worker = self.worker
@@ -86,7 +85,7 @@ class TlsAccept(asyncio.Protocol):
             tls.buffer_updated(n)  # type: ignore[attr-defined]
             view = view[n:]
 
-    def _handshake_done(self, task: asyncio.Task[asyncio.Transport]) -> None:
+    def _handshake_done(self, task: asyncio.Task[asyncio.Transport | None]) -> None:
         self._task = None
         worker = self.worker
         if task.cancelled():
@@ -104,6 +103,9 @@ class TlsAccept(asyncio.Protocol):
             metrics.HANDSHAKES.labels(result, "").inc()
             return
         tls_transport = task.result()
+        if tls_transport is None:
+            worker.open_connections -= 1
+            return
         sslobj = tls_transport.get_extra_info("ssl_object")
         version = sslobj.version() if sslobj is not None else ""
         metrics.HANDSHAKES.labels("ok", version or "").inc()
@@ -148,7 +150,8 @@ class Worker:
             server.close()
         for session in list(self.sessions):
             session.drain()
-        while self.sessions and time.monotonic() < deadline:
+        # Polled rather than signalled: drain runs once per process lifetime.
+        while self.sessions and time.monotonic() < deadline:  # noqa: ASYNC110
             await asyncio.sleep(0.05)
         for session in list(self.sessions):
             session.abort()

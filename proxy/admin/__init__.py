@@ -1,0 +1,1 @@
+"""Admin API and dashboard, on the admin listener only."""

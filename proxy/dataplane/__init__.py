@@ -1,0 +1,1 @@
+"""The data plane: listeners, TLS, HTTP relay. Reads immutable snapshots only."""

@@ -1,0 +1,1 @@
+"""The certificate lifecycle (the sidecar): DNS checks, ACME orders, renewals, statuses."""

@@ -1,0 +1,1 @@
+"""The store: the one source of truth for domains, certificates, challenges, statuses."""
