@@ -22,7 +22,11 @@ def _prepare_environment(*, metrics_dir: bool) -> str | None:
     if "OPENSSL_CONF" not in os.environ or os.environ.get("TLSEDGE_OPENSSL_CONF") == "1":
         os.environ["OPENSSL_CONF"] = str(resources.files("proxy.certs") / "openssl.cnf")
         os.environ["TLSEDGE_OPENSSL_CONF"] = "1"
-    if metrics_dir and not os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
+    if not metrics_dir:
+        # One-shot commands must not leave metric files for a dead pid in the dir the
+        # supervisor serves from (check-config runs as ExecReload under systemd).
+        os.environ.pop("PROMETHEUS_MULTIPROC_DIR", None)
+    elif not os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
         path = tempfile.mkdtemp(prefix="tlsedge-metrics-")
         os.environ["PROMETHEUS_MULTIPROC_DIR"] = path
         return path
@@ -41,6 +45,9 @@ def _parser() -> argparse.ArgumentParser:
                       help="where to write the demo config, certificates and store")
     demo.add_argument("--https-port", type=int, default=8443)
     demo.add_argument("--http-port", type=int, default=8080)
+    from proxy import domains_cli
+
+    domains_cli.add_parsers(sub)
     worker = sub.add_parser("worker")  # internal: started by `run`
     worker.add_argument("-c", "--config", required=True)
     worker.add_argument("--https-fd", type=int, required=True)
@@ -51,7 +58,7 @@ def _parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> None:
     args = _parser().parse_args(argv)
-    metrics_dir = _prepare_environment(metrics_dir=args.command in ("run", "demo"))
+    metrics_dir = _prepare_environment(metrics_dir=args.command in ("run", "demo", "worker"))
     try:
         code = _dispatch(args)
     except KeyboardInterrupt:
@@ -80,6 +87,10 @@ def _dispatch(args: argparse.Namespace) -> int:
             from proxy import demo
 
             return demo.run(args.dir, https_port=args.https_port, http_port=args.http_port)
+        if args.command in ("domains", "csr"):
+            from proxy import domains_cli
+
+            return domains_cli.run(args)
         if args.command == "worker":
             from proxy import app
 

@@ -7,8 +7,10 @@ it never parses certificates (that is certs/) and never touches the store.
 
 from __future__ import annotations
 
+import ipaddress
 import os
 import re
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any, Literal
 
@@ -70,6 +72,23 @@ class Limits(_Strict, frozen=True):
     drain_timeout: float = 30.0
 
 
+class AcmeDns(_Strict, frozen=True):
+    edge_addresses: tuple[str, ...] = ()
+    cname_targets: tuple[str, ...] = ()
+    resolvers: tuple[str, ...] = ()
+    check_interval: float = 60.0
+
+
+class Acme(_Strict, frozen=True):
+    directory: str
+    email: str = ""
+    ca_bundle: str | None = None
+    key_type: Literal["ecdsa", "rsa"] = "ecdsa"
+    dns: AcmeDns = AcmeDns()
+    # Orders placed at once by this node's lifecycle.
+    concurrency: int = 4
+
+
 class Config(_Strict, frozen=True):
     platform_domain: str
     tls: Tls
@@ -80,6 +99,7 @@ class Config(_Strict, frozen=True):
     domains: dict[str, str] = {}
     limits: Limits = Limits()
     trusted_proxies: tuple[str, ...] = ()
+    acme: Acme | None = None
     log_level: Literal["debug", "info", "warning", "error"] = "info"
     # Filled in by load(): where the file was, so relative paths resolve against it.
     source: str = ""
@@ -207,10 +227,38 @@ def _resolve(config: Config, file: Path) -> Config:
         domains[name] = app
     store = config.store
     store = msgspec.structs.replace(store, path=str((base / store.path).resolve()))
+    acme = config.acme
+    if acme is not None:
+        acme = _resolve_acme(acme, label, ok_file, norm)
     return msgspec.structs.replace(
         config, platform_domain=platform, tls=tls, apps=apps, domains=domains, store=store,
-        source=str(file.resolve()),
+        acme=acme, source=str(file.resolve()),
     )
+
+
+def _resolve_acme(acme: Acme, label: str, ok_file: Callable[[str, str], str],
+                  norm: Callable[..., str]) -> Acme:
+    if not acme.directory.startswith(("https://", "http://")):
+        raise ConfigError(f"{label}: acme.directory: expected an https:// URL")
+    bundle = ok_file(acme.ca_bundle, "acme.ca_bundle") if acme.ca_bundle else None
+    for i, address in enumerate(acme.dns.edge_addresses):
+        try:
+            ipaddress.ip_address(address)
+        except ValueError:
+            raise ConfigError(f"{label}: acme.dns.edge_addresses[{i}]: {address!r} is not "
+                              "an IP address") from None
+    targets = tuple(norm(t, f"acme.dns.cname_targets[{i}]")
+                    for i, t in enumerate(acme.dns.cname_targets))
+    for i, resolver in enumerate(acme.dns.resolvers):
+        parse_address(resolver if ":" in resolver else f"{resolver}:53",
+                      where=f"{label}: acme.dns.resolvers[{i}]")
+    if not acme.dns.edge_addresses and not targets:
+        raise ConfigError(f"{label}: acme.dns: give edge_addresses or cname_targets, so "
+                          "tlsedge can tell when a domain points at this platform")
+    if acme.dns.check_interval <= 0 or acme.concurrency < 1:
+        raise ConfigError(f"{label}: acme: check_interval and concurrency must be positive")
+    dns = msgspec.structs.replace(acme.dns, cname_targets=targets)
+    return msgspec.structs.replace(acme, ca_bundle=bundle, dns=dns)
 
 
 def to_builtins(config: Config) -> dict[str, Any]:

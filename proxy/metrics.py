@@ -110,3 +110,67 @@ class CertificateExpiry(Collector):
         for name, source, not_after in self._source():
             family.add_metric([name, source], not_after)
         yield family
+
+STORE_ERRORS = Counter(
+    "tlsedge_store_errors_total",
+    "Store operations that failed, by operation (watch, read, write).",
+    ["operation"],
+)
+STORE_APPLIED_REVISION = Gauge(
+    "tlsedge_store_applied_revision",
+    "The store revision the slowest live process has applied.",
+    multiprocess_mode="livemin",
+)
+ACME_ORDERS = Counter(
+    "tlsedge_acme_orders_total",
+    "ACME orders placed by this node's lifecycle, by result (ok, failed).",
+    ["result"],
+)
+ACME_ORDER_SECONDS = Histogram(
+    "tlsedge_acme_order_duration_seconds",
+    "Time from placing an ACME order to holding the certificate.",
+    buckets=(0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0),
+)
+RENEWALS_DUE = Gauge(
+    "tlsedge_acme_work_due",
+    "Domains the lifecycle found needing an order or a renewal on its last pass.",
+    multiprocess_mode="livemax",
+)
+DNS_CHECKS = Counter(
+    "tlsedge_dns_checks_total",
+    "DNS checks of custom domains by result (ok = points at us, not_pointing).",
+    ["result"],
+)
+
+
+class DomainCertificates(Collector):
+    """Custom domains by the certificate serving them and their Let's Encrypt status,
+    computed at scrape time from the supervisor's view of the store. `source` returns
+    ((in_use, status) -> count) and (primary name, source, not_after) triples."""
+
+    def __init__(self, source: Callable[[], tuple[dict[tuple[str, str], int],
+                                                  Iterable[tuple[str, str, float]]]],
+                 clock: Callable[[], float]) -> None:
+        self._source = source
+        self._clock = clock
+
+    def collect(self) -> Iterable[GaugeMetricFamily]:
+        counts, expiries = self._source()
+        by_status = GaugeMetricFamily(
+            "tlsedge_domains",
+            "Custom domains by the certificate in use (custom, letsencrypt, platform) "
+            "and Let's Encrypt status.",
+            labels=["in_use", "status"],
+        )
+        for (in_use, status), n in sorted(counts.items()):
+            by_status.add_metric([in_use, status], n)
+        yield by_status
+        remaining = GaugeMetricFamily(
+            "tlsedge_certificate_expiry_seconds",
+            "Seconds until each loaded certificate expires (negative: expired).",
+            labels=["name", "source"],
+        )
+        now = self._clock()
+        for name, source, not_after in expiries:
+            remaining.add_metric([name, source], not_after - now)
+        yield remaining

@@ -1,1 +1,226 @@
-"""The domain rules in one place: used by the CLI, the admin API and the lifecycle."""
+"""The domain rules in one place: add/remove a domain, upload/remove a custom
+certificate (validated before anything is written), and the per-domain views.
+
+Used by the CLI, the admin API and the lifecycle alike, so a rule is written once.
+Talks to any Store; never imports the data plane or a store backend.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Collection
+from dataclasses import asdict, dataclass
+from typing import Any
+
+import msgspec
+
+from proxy import names
+from proxy.certs.bundle import CertBundle, load_bundle
+from proxy.errors import ConflictError, InvalidName, RegistryError
+from proxy.store import records as rec
+from proxy.store.base import Store
+
+STATUS_LABELS = {
+    "pending_dns": "Pending DNS",
+    "creating": "Creating",
+    "in_use": "In use",
+    "not_used": "Not used",
+    "error": "Error",
+    "disabled": "Disabled",
+}
+
+
+@dataclass(frozen=True, slots=True)
+class CertView:
+    source: str
+    names: tuple[str, ...]
+    issuer: str
+    not_before: float
+    not_after: float
+    fingerprint: str
+
+    @classmethod
+    def of(cls, record: rec.CertRecord) -> CertView:
+        return cls(record.source, record.names, record.issuer, record.not_before,
+                   record.not_after, record.fingerprint)
+
+
+@dataclass(frozen=True, slots=True)
+class DomainView:
+    """What a person sees for one domain (CLI table, admin API, dashboard)."""
+
+    name: str
+    app: str
+    letsencrypt: bool
+    in_use: str              # custom | letsencrypt | platform
+    expires_at: float | None  # of the certificate in use (None: the platform's)
+    status: str              # pending_dns | creating | in_use | not_used | error | disabled
+    message: str
+    last_error: str
+    custom: CertView | None
+    acme: CertView | None
+
+    @property
+    def status_label(self) -> str:
+        return STATUS_LABELS[self.status]
+
+    def to_json(self) -> dict[str, Any]:
+        data = asdict(self)
+        data["status_label"] = self.status_label
+        return data
+
+
+def derive_view(domain: rec.DomainRecord, custom: rec.CertRecord | None,
+                acme: rec.CertRecord | None, status: rec.StatusRecord | None,
+                now: float) -> DomainView:
+    """Combine the stored records into what is true now (serving choice + status)."""
+    serving = rec.serving_certificate(custom, acme, now)
+    acme_valid = acme is not None and acme.not_before <= now < acme.not_after
+    custom_serving = serving is not None and serving.source == "custom"
+    state = status.state if status is not None else "pending_dns"
+    if not domain.letsencrypt:
+        label = "disabled"
+    elif acme_valid:
+        # An issued ACME certificate is "In use" unless a valid custom one wins;
+        # a renewal in flight or a failed renewal does not change that.
+        label = "not_used" if custom_serving else "in_use"
+    elif state == "issued":
+        label = "pending_dns"  # issued once, now expired: the lifecycle starts over
+    else:
+        label = state
+    return DomainView(
+        name=domain.name, app=domain.app, letsencrypt=domain.letsencrypt,
+        in_use=("custom" if custom_serving else "letsencrypt" if serving is not None
+                else "platform"),
+        expires_at=serving.not_after if serving is not None else None,
+        status=label,
+        message=status.message if status is not None else "",
+        last_error=status.last_error if status is not None else "",
+        custom=CertView.of(custom) if custom is not None else None,
+        acme=CertView.of(acme) if acme is not None else None,
+    )
+
+
+class Registry:
+    """Domain operations over a Store. Every method validates fully before writing."""
+
+    def __init__(self, store: Store, *, platform_domain: str, apps: Collection[str],
+                 clock: Callable[[], float] = time.time) -> None:
+        self.store = store
+        self.platform_domain = platform_domain
+        self.config_apps = frozenset(apps)
+        self.clock = clock
+
+    # -- reads ----------------------------------------------------------------------
+    async def domain(self, name: str) -> rec.DomainRecord | None:
+        item = await self.store.get(rec.domain_key(name))
+        return rec.decode(item.value, rec.DomainRecord) if item else None
+
+    async def certificate(self, name: str, source: rec.CertSource) -> rec.CertRecord | None:
+        item = await self.store.get(rec.cert_key(name, source))
+        return rec.decode(item.value, rec.CertRecord) if item else None
+
+    async def status(self, name: str) -> rec.StatusRecord | None:
+        item = await self.store.get(rec.status_key(name))
+        return rec.decode(item.value, rec.StatusRecord) if item else None
+
+    async def view(self, name: str) -> DomainView:
+        name = self._name(name)
+        domain = await self.domain(name)
+        if domain is None:
+            raise RegistryError(f"domain {name} does not exist")
+        return derive_view(domain, await self.certificate(name, "custom"),
+                           await self.certificate(name, "acme"), await self.status(name),
+                           self.clock())
+
+    async def views(self) -> list[DomainView]:
+        domains = [rec.decode(i.value, rec.DomainRecord)
+                   for i in await self.store.scan(rec.DOMAINS)]
+        certs: dict[str, rec.CertRecord] = {}
+        for item in await self.store.scan(rec.CERTS):
+            certs[item.key] = rec.decode(item.value, rec.CertRecord)
+        statuses = {i.key: rec.decode(i.value, rec.StatusRecord)
+                    for i in await self.store.scan(rec.STATUS)}
+        now = self.clock()
+        return [derive_view(d, certs.get(rec.cert_key(d.name, "custom")),
+                            certs.get(rec.cert_key(d.name, "acme")),
+                            statuses.get(rec.status_key(d.name)), now) for d in domains]
+
+    async def apps(self) -> set[str]:
+        stored = {k[len(rec.APPS):] for k in await self.store.keys(rec.APPS)}
+        return set(self.config_apps) | stored
+
+    # -- writes ---------------------------------------------------------------------
+    async def add_domain(self, name: str, app: str, *, letsencrypt: bool = True,
+                         chain: bytes | None = None, key: bytes | None = None) -> DomainView:
+        name = self._name(name)
+        if name == self.platform_domain or name.endswith("." + self.platform_domain):
+            raise RegistryError(
+                f"{name} is under the platform domain {self.platform_domain}; "
+                "it is served with the platform certificate")
+        if app not in await self.apps():
+            raise RegistryError(f"app {app!r} does not exist")
+        bundle = self._validate(name, chain, key) if chain is not None or key is not None \
+            else None
+        now = self.clock()
+        record = rec.DomainRecord(name=name, app=app, letsencrypt=letsencrypt, created_at=now)
+        try:
+            await self.store.put(rec.domain_key(name), rec.encode(record), expect=0)
+        except ConflictError:
+            raise RegistryError(f"domain {name} already exists") from None
+        if bundle is not None:
+            await self._put_custom(name, bundle)
+        state: rec.State = "pending_dns" if letsencrypt else "disabled"
+        await self.set_status(name, state=state, message="added", next_dns_check=0.0)
+        return await self.view(name)
+
+    async def remove_domain(self, name: str) -> None:
+        name = self._name(name)
+        if not await self.store.delete(rec.domain_key(name)):
+            raise RegistryError(f"domain {name} does not exist")
+        for source in ("custom", "acme"):
+            await self.store.delete(rec.cert_key(name, source))
+        await self.store.delete(rec.status_key(name))
+
+    async def set_custom_certificate(self, name: str, chain: bytes, key: bytes) -> DomainView:
+        """Validate and store an uploaded certificate; it serves on the next handshake."""
+        name = self._name(name)
+        if await self.domain(name) is None:
+            raise RegistryError(f"domain {name} does not exist")
+        await self._put_custom(name, self._validate(name, chain, key))
+        return await self.view(name)
+
+    async def remove_custom_certificate(self, name: str) -> DomainView:
+        name = self._name(name)
+        if await self.domain(name) is None:
+            raise RegistryError(f"domain {name} does not exist")
+        if not await self.store.delete(rec.cert_key(name, "custom")):
+            raise RegistryError(f"domain {name} has no custom certificate")
+        return await self.view(name)
+
+    async def set_status(self, name: str, **changes: Any) -> rec.StatusRecord:
+        """Merge `changes` into the domain's status record (the lifecycle's writes)."""
+        current = await self.status(name) or rec.StatusRecord(domain=name, state="pending_dns")
+        updated = msgspec.structs.replace(current, updated_at=self.clock(), **changes)
+        await self.store.put(rec.status_key(name), rec.encode(updated))
+        return updated
+
+    async def store_acme_certificate(self, name: str, bundle: CertBundle) -> None:
+        record = rec.CertRecord.from_bundle(name, "acme", bundle, self.clock())
+        await self.store.put(rec.cert_key(name, "acme"), rec.encode(record), secret=True)
+
+    # -- helpers --------------------------------------------------------------------
+    def _name(self, name: str) -> str:
+        try:
+            return names.normalize(name)
+        except InvalidName as exc:
+            raise RegistryError(str(exc)) from None
+
+    def _validate(self, name: str, chain: bytes | None, key: bytes | None) -> CertBundle:
+        if chain is None or key is None:
+            raise RegistryError("a custom certificate needs both the chain and the key")
+        return load_bundle(chain, key, domain=name, now=self.clock())
+
+    async def _put_custom(self, name: str, bundle: CertBundle) -> None:
+        record = rec.CertRecord.from_bundle(name, "custom", bundle, self.clock())
+        await self.store.put(rec.cert_key(name, "custom"), rec.encode(record), secret=True)

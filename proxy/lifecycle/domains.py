@@ -1,0 +1,233 @@
+"""The per-domain status machine of the sidecar: DNS check -> lock -> ACME order ->
+store, then renewals. One lifecycle per node; per-domain locks in the store keep two
+lifecycles (two processes or two nodes) from ordering the same certificate.
+
+Never touches the data plane: it writes certificates, statuses and challenge tokens
+to the store, and the workers pick them up from there. Time comes from `clock`, so
+tests move time instead of sleeping.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from proxy import metrics
+from proxy.certs.bundle import load_bundle
+from proxy.errors import BundleError, IssuanceError, LockTimeout, StoreError
+from proxy.lifecycle import renewal
+from proxy.lifecycle.acme import Account, AcmeClient
+from proxy.lifecycle.dnscheck import DnsChecker
+from proxy.registry import Registry
+from proxy.store import records as rec
+from proxy.store.base import Lease, Store
+
+log = logging.getLogger("tlsedge.lifecycle")
+
+
+class StoreChallenges:
+    """Publishes HTTP-01 tokens through the store, where every worker reads them."""
+
+    def __init__(self, store: Store) -> None:
+        self.store = store
+
+    async def publish(self, token: str, key_authorization: str) -> None:
+        await self.store.put(rec.challenge_key(token), key_authorization.encode())
+        # Workers follow the store with a watch (~0.1 s); the plain-HTTP listener
+        # also reads the store on a miss, so a token is never answered 404.
+
+    async def withdraw(self, token: str) -> None:
+        await self.store.delete(rec.challenge_key(token))
+
+
+@dataclass(frozen=True)
+class LifecycleSettings:
+    check_interval: float = 60.0   # DNS re-check while Pending DNS
+    lock_ttl: float = 30.0
+    concurrency: int = 4
+    tick: float = 1.0
+
+
+class Lifecycle:
+    """Drives every Let's Encrypt-enabled domain to a valid, renewed certificate."""
+
+    def __init__(self, store: Store, registry: Registry, acme: AcmeClient, dns: DnsChecker,
+                 settings: LifecycleSettings, *, clock: Callable[[], float] = time.time) -> None:
+        self.store = store
+        self.registry = registry
+        self.acme = acme
+        self.dns = dns
+        self.settings = settings
+        self.clock = clock
+        self._account: Account | None = None
+        self._inflight: dict[str, asyncio.Task[None]] = {}
+        self._slots = asyncio.Semaphore(settings.concurrency)
+
+    async def run(self, stop: asyncio.Event) -> None:
+        while not stop.is_set():
+            try:
+                await self.tick()
+            except StoreError as exc:
+                metrics.STORE_ERRORS.labels("read").inc()
+                log.warning("lifecycle pass failed: %s", exc)
+            with contextlib.suppress(asyncio.TimeoutError):
+                await asyncio.wait_for(stop.wait(), self.settings.tick)
+        for task in self._inflight.values():
+            task.cancel()
+
+    async def tick(self) -> list[asyncio.Task[None]]:
+        """One pass: start work for every domain that needs it; returns the new tasks."""
+        started = []
+        due = 0
+        for item in await self.store.scan(rec.DOMAINS):
+            domain = rec.decode(item.value, rec.DomainRecord)
+            if not domain.letsencrypt or domain.name in self._inflight:
+                continue
+            if await self._needs_work(domain.name):
+                due += 1
+                task = asyncio.create_task(self._work(domain.name),
+                                           name=f"lifecycle {domain.name}")
+                self._inflight[domain.name] = task
+                task.add_done_callback(self._forget)
+                started.append(task)
+        metrics.RENEWALS_DUE.set(due)
+        return started
+
+    def _forget(self, task: asyncio.Task[None]) -> None:
+        for name, t in list(self._inflight.items()):
+            if t is task:
+                del self._inflight[name]
+
+    async def settle(self) -> None:
+        """Wait for the work in flight (tests)."""
+        while self._inflight:
+            await asyncio.gather(*self._inflight.values(), return_exceptions=True)
+
+    async def _needs_work(self, name: str) -> bool:
+        now = self.clock()
+        status = await self.registry.status(name)
+        acme = await self.registry.certificate(name, "acme")
+        if status is not None and status.retry_at > now:
+            return False  # backing off after a failure
+        if acme is not None and acme.not_before <= now < acme.not_after:
+            renew = status.renew_at if status is not None and status.renew_at else \
+                renewal.renew_at(acme.not_before, acme.not_after)
+            return now >= renew
+        return status is None or status.state != "pending_dns" or status.next_dns_check <= now
+
+    async def _work(self, name: str) -> None:
+        async with self._slots:
+            try:
+                await self._obtain(name)
+            except Exception:  # one domain's bug must not stop the others
+                log.exception("lifecycle work for %s failed", name)
+
+    async def _obtain(self, name: str) -> None:
+        verdict = await self.dns.check(name)
+        metrics.DNS_CHECKS.labels("ok" if verdict.points_at_us else "not_pointing").inc()
+        now = self.clock()
+        if not verdict.points_at_us:
+            await self._note(name, state="pending_dns", message=verdict.reason,
+                             next_dns_check=now + self.settings.check_interval)
+            return
+        try:
+            lease = await self.store.lock(rec.lock_name(name), ttl=self.settings.lock_ttl)
+        except LockTimeout:
+            return  # another lifecycle (process or node) is on it
+        try:
+            await self._order_locked(name, lease)
+        finally:
+            await lease.release()
+
+    async def _order_locked(self, name: str, lease: Lease) -> None:
+        # Lock, then check again: another node may have finished while we waited.
+        domain = await self.registry.domain(name)
+        if domain is None or not domain.letsencrypt or not await self._needs_work(name):
+            return
+        acme = await self.registry.certificate(name, "acme")
+        renewing = acme is not None and self.clock() < acme.not_after
+        await self._note(name, state="creating",
+                         message="renewing" if renewing else "ordering a certificate")
+        started = time.monotonic()
+        keeper = asyncio.create_task(self._keep(lease), name=f"lease {name}")
+        try:
+            account = await self._ensure_account()
+            issued = await self.acme.order(account, name, StoreChallenges(self.store))
+            bundle = load_bundle(issued.chain_pem, issued.key_pem, domain=name,
+                                 now=self.clock())
+        except (IssuanceError, BundleError) as exc:
+            metrics.ACME_ORDERS.labels("failed").inc()
+            await self._failed(name, exc, renewing)
+            return
+        finally:
+            keeper.cancel()
+        metrics.ACME_ORDERS.labels("ok").inc()
+        metrics.ACME_ORDER_SECONDS.observe(time.monotonic() - started)
+        if not await lease.refresh():
+            # Fencing: our lease expired while we worked and someone else may hold
+            # the lock now; their result wins, ours is dropped.
+            log.warning("lost the lock for %s during the order; discarding the result", name)
+            return
+        ari = None
+        with contextlib.suppress(IssuanceError):
+            ari = await self.acme.renewal_time(account, issued.chain_pem)
+        await self.registry.store_acme_certificate(name, bundle)
+        await self._note(name, state="issued", message="certificate issued", last_error="",
+                         failures=0, retry_at=0.0,
+                         renew_at=renewal.renew_at(bundle.not_before, bundle.not_after, ari))
+        log.info("certificate for %s issued, valid until %s", name,
+                 time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime(bundle.not_after)))
+
+    async def _failed(self, name: str, exc: Exception, renewing: bool) -> None:
+        status = await self.registry.status(name)
+        failures = (status.failures if status is not None else 0) + 1
+        retry_after = exc.retry_after if isinstance(exc, IssuanceError) else None
+        delay = renewal.retry_delay(failures, retry_after)
+        message = str(exc)
+        log.warning("certificate order for %s failed (%d in a row), retrying in %.0fs: %s",
+                    name, failures, delay, message)
+        # A renewal failure keeps the old certificate serving: state stays "issued".
+        await self._note(name, state="issued" if renewing else "error",
+                         message="renewal failed; the current certificate keeps serving"
+                         if renewing else "order failed",
+                         last_error=message, failures=failures,
+                         retry_at=self.clock() + delay)
+
+    async def _note(self, name: str, **changes: object) -> None:
+        if await self.registry.domain(name) is None:
+            return  # removed meanwhile: leave no status behind
+        await self.registry.set_status(name, **changes)
+
+    async def _keep(self, lease: Lease) -> None:
+        """Refresh the domain lock while the order runs (a dead holder stops doing so)."""
+        while True:
+            await asyncio.sleep(self.settings.lock_ttl / 3)
+            if not await lease.refresh():
+                return
+
+    async def _ensure_account(self) -> Account:
+        if self._account is not None:
+            return self._account
+        # The account is shared by every lifecycle on this store: take it from the
+        # store, and create it under a lock so two nodes do not register two.
+        lease = await self.store.lock("acme-account", ttl=self.settings.lock_ttl, wait=60.0)
+        try:
+            item = await self.store.get(rec.ACME_ACCOUNT)
+            existing = None
+            if item is not None:
+                record = rec.decode(item.value, rec.AccountRecord)
+                existing = Account(directory=record.directory, uri=record.uri,
+                                   key_pem=record.key_pem, email=record.email)
+            account = await self.acme.ensure_account(existing)
+            if account != existing:
+                record = rec.AccountRecord(directory=account.directory, uri=account.uri,
+                                           key_pem=account.key_pem, email=account.email)
+                await self.store.put(rec.ACME_ACCOUNT, rec.encode(record), secret=True)
+        finally:
+            await lease.release()
+        self._account = account
+        return account

@@ -1,0 +1,122 @@
+"""The Store contract: a small revisioned key-value store every backend implements.
+
+The store is the one source of truth (domains, apps, certificates, the ACME account,
+challenge tokens, statuses, locks). This module holds the protocol and the value
+types only; the typed records live in store/records.py. Backends: store/files.py
+(one node) and store/etcd.py (a cluster). Both pass tests/test_store_contract.py.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from typing import Protocol, runtime_checkable
+
+
+@dataclass(frozen=True, slots=True)
+class Item:
+    """One stored value. `revision` is the store revision of its last write."""
+
+    key: str
+    value: bytes
+    revision: int
+
+
+@dataclass(frozen=True, slots=True)
+class Event:
+    """One change seen by a watch: `value` is None for a delete."""
+
+    key: str
+    value: bytes | None
+    revision: int
+
+
+class Compacted(Exception):
+    """A watch asked for revisions the store no longer keeps: reload everything."""
+
+    def __init__(self, oldest: int) -> None:
+        super().__init__(f"revisions before {oldest} were compacted")
+        self.oldest = oldest
+
+
+@runtime_checkable
+class Lease(Protocol):
+    """A held lock. `token` is a fencing token: it increases with every acquisition
+    of any lock, so a write guarded by it can be refused once a newer holder exists.
+    """
+
+    token: int
+
+    async def refresh(self) -> bool:
+        """Extend the lease; False when it was lost (expired and taken by another)."""
+        ...
+
+    async def release(self) -> None:
+        """Give the lock up; safe to call twice and after the lease was lost."""
+        ...
+
+
+@runtime_checkable
+class Store(Protocol):
+    """A revisioned key-value store shared by every process of a node (or cluster).
+
+    Keys are `/`-separated paths of DNS-safe segments (`domains/www.example.com`).
+    Every write moves the store's revision up by exactly one and stamps the written
+    item with it; revisions never go back. Methods are coroutines run on the caller's
+    event loop; a backend may use threads inside but never blocks the loop. Errors
+    are StoreError (NotFound, ConflictError, LockTimeout are subclasses).
+
+    Secrets: values written with `secret=True` (anything holding a private key) are
+    stored readable by the owner only (files: mode 0600) and never logged.
+    """
+
+    async def get(self, key: str) -> Item | None:
+        """The item at `key`, or None."""
+        ...
+
+    async def scan(self, prefix: str) -> list[Item]:
+        """Every item whose key starts with `prefix`, sorted by key."""
+        ...
+
+    async def keys(self, prefix: str) -> list[str]:
+        """The keys under `prefix`, sorted; cheaper than scan() for large values."""
+        ...
+
+    async def put(self, key: str, value: bytes, *, expect: int | None = None,
+                  secret: bool = False) -> int:
+        """Write `value`; return the new revision.
+
+        `expect` makes the write conditional: 0 means "only if absent" (create), a
+        positive number means "only if the item's revision is still this one"
+        (compare-and-swap). A failed condition raises ConflictError and writes nothing.
+        """
+        ...
+
+    async def delete(self, key: str, *, expect: int | None = None) -> bool:
+        """Remove `key`; False when it did not exist. `expect` as in put()."""
+        ...
+
+    async def revision(self) -> int:
+        """The store's current revision (0 for an empty store)."""
+        ...
+
+    def watch(self, prefix: str, after: int) -> AsyncIterator[Event]:
+        """Every change under `prefix` with revision > `after`, in revision order,
+        without gaps, then new changes as they happen (within 1 s).
+
+        Raises Compacted when `after` is older than what the store keeps; the
+        watcher then reloads with scan() and watches again from revision().
+        """
+        ...
+
+    async def lock(self, name: str, *, ttl: float, wait: float = 0.0) -> Lease:
+        """Take the lock `name` for `ttl` seconds (the holder refreshes it).
+
+        A holder that dies stops refreshing and the lock frees itself after `ttl`.
+        Waits up to `wait` seconds, then raises LockTimeout.
+        """
+        ...
+
+    async def close(self) -> None:
+        """Release resources; the store is unusable afterwards."""
+        ...

@@ -1,0 +1,164 @@
+"""Typed records kept in the store, their keys, and their JSON encoding.
+
+The one place that knows the key layout (`domains/<name>`, `certs/<name>/custom`,
+...). Pure data: no I/O, no validation of certificates (that is certs/bundle.py).
+"""
+
+from __future__ import annotations
+
+from typing import Literal, TypeVar
+
+import msgspec
+
+from proxy.certs.bundle import CertBundle, trusted_bundle
+
+DOMAINS = "domains/"
+APPS = "apps/"
+CERTS = "certs/"
+STATUS = "status/"
+CHALLENGES = "challenges/"
+ACME_ACCOUNT = "acme/account"
+NODES = "nodes/"
+
+CertSource = Literal["custom", "acme"]
+# Lifecycle states written by the lifecycle; "In use" / "Not used" are derived from
+# them and the custom certificate at read time (see registry.DomainView).
+State = Literal["pending_dns", "creating", "issued", "error", "disabled"]
+
+
+class Record(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=False):
+    pass
+
+
+class DomainRecord(Record, frozen=True):
+    name: str
+    app: str
+    letsencrypt: bool = True
+    created_at: float = 0.0
+
+
+class AppRecord(Record, frozen=True):
+    name: str
+    backends: tuple[str, ...]
+    force_https: bool = False
+    canonical_domain: str | None = None
+
+
+class CertRecord(Record, frozen=True):
+    """A certificate chain and key, with the metadata needed to serve it unparsed."""
+
+    domain: str
+    source: CertSource
+    chain_pem: str
+    key_pem: str
+    names: tuple[str, ...]
+    not_before: float
+    not_after: float
+    fingerprint: str
+    issuer: str
+    key_type: str
+    stored_at: float = 0.0
+
+    @classmethod
+    def from_bundle(cls, domain: str, source: CertSource, bundle: CertBundle,
+                    stored_at: float) -> CertRecord:
+        return cls(domain=domain, source=source, chain_pem=bundle.chain_pem.decode(),
+                   key_pem=bundle.key_pem.decode(), names=bundle.names,
+                   not_before=bundle.not_before, not_after=bundle.not_after,
+                   fingerprint=bundle.fingerprint, issuer=bundle.issuer,
+                   key_type=bundle.key_type, stored_at=stored_at)
+
+    def bundle(self) -> CertBundle:
+        """The bundle without re-parsing: the record was validated when written."""
+        return trusted_bundle(self.chain_pem.encode(), self.key_pem.encode(),
+                              names=self.names, not_before=self.not_before,
+                              not_after=self.not_after, fingerprint=self.fingerprint,
+                              issuer=self.issuer, key_type=self.key_type)
+
+    def __repr__(self) -> str:  # never show key bytes
+        return f"CertRecord({self.domain!r}, {self.source}, {self.fingerprint[:16]})"
+
+
+class StatusRecord(Record, frozen=True):
+    """Where the lifecycle is with a domain's ACME certificate."""
+
+    domain: str
+    state: State
+    message: str = ""
+    last_error: str = ""
+    updated_at: float = 0.0
+    next_dns_check: float = 0.0
+    failures: int = 0
+    retry_at: float = 0.0
+    renew_at: float = 0.0
+
+
+class AccountRecord(Record, frozen=True):
+    directory: str
+    uri: str
+    key_pem: str
+    email: str = ""
+
+
+def domain_key(name: str) -> str:
+    return DOMAINS + name
+
+
+def app_key(name: str) -> str:
+    return APPS + name
+
+
+def cert_key(name: str, source: CertSource) -> str:
+    return f"{CERTS}{name}/{source}"
+
+
+def status_key(name: str) -> str:
+    return STATUS + name
+
+
+def challenge_key(token: str) -> str:
+    return CHALLENGES + token
+
+
+def lock_name(domain: str) -> str:
+    return f"domain-{domain}"
+
+
+def parse_cert_key(key: str) -> tuple[str, CertSource] | None:
+    """`certs/<name>/<source>` -> (name, source)."""
+    if not key.startswith(CERTS):
+        return None
+    name, _, source = key[len(CERTS):].rpartition("/")
+    if source not in ("custom", "acme") or not name:
+        return None
+    return name, source  # type: ignore[return-value]
+
+
+_encoder = msgspec.json.Encoder()
+
+
+def encode(record: Record) -> bytes:
+    return _encoder.encode(record)
+
+
+T = TypeVar("T", bound=Record)
+
+
+def decode(data: bytes, kind: type[T]) -> T:
+    return msgspec.json.decode(data, type=kind)
+
+
+def serving_certificate(custom: CertRecord | None, acme: CertRecord | None,
+                        now: float) -> CertRecord | None:
+    """The product rule for which certificate a custom domain is served with.
+
+    A custom certificate wins while it is valid; otherwise the ACME one (if valid);
+    otherwise None (the platform/default certificate answers). Checked against the
+    clock on every call, so an expired custom certificate falls back by itself. Both
+    the data plane's snapshot builder (sync) and the registry's views use this.
+    """
+    if custom is not None and custom.not_before <= now < custom.not_after:
+        return custom
+    if acme is not None and acme.not_before <= now < acme.not_after:
+        return acme
+    return None

@@ -1,0 +1,157 @@
+"""Composition of one data-plane worker process: snapshots in, listeners out.
+
+Builds the static snapshot (config + certificate files) and follows the store,
+composes both into the tables the listeners read, and swaps them in with one
+assignment each. SIGHUP re-reads the static side; SIGTERM drains. Nothing here
+runs per request or per handshake.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import ctypes
+import logging
+import os
+import signal
+import socket
+import time
+
+from proxy import metrics
+from proxy.certs.table import CertEntry, CertSelector, ContextCache, install_sni_unraisable_hook
+from proxy.certs.tls import base_context
+from proxy.config import parse_address
+from proxy.dataplane.server import Worker
+from proxy.dataplane.state import Live
+from proxy.errors import StoreError, TlsEdgeError
+from proxy.store import records as rec
+from proxy.store.base import Store
+from proxy.sync import Snapshot, StoreFollower, StoreState, compose, load_state, load_static
+
+log = logging.getLogger("tlsedge.worker")
+
+
+def _die_with_parent() -> None:
+    """Linux: get SIGTERM when the supervisor dies, so no worker is orphaned."""
+    with contextlib.suppress(OSError, AttributeError):
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+
+
+class WorkerNode:
+    """The swappable state of one worker and the code that swaps it."""
+
+    def __init__(self, config_path: str, static: Snapshot, store: Store,
+                 state: StoreState) -> None:
+        self.config_path = config_path
+        self.static = static
+        self.store = store
+        self.state = state
+        self._entries: dict[str, CertEntry] = {}
+        self._timer: asyncio.TimerHandle | None = None
+        self.cache = ContextCache(static.tls, static.config.tls.context_cache_size)
+        composed = compose(static, state, self._entries, time.time())
+        selector = CertSelector(composed.certs, self.cache)
+        config = static.config
+        _, https_port = parse_address(config.listen.https, where="listen.https")
+        self.live = Live(selector=selector, tls_context=self._base(selector),
+                         routes=composed.routes, limits=config.limits, https_port=https_port,
+                         handshake_timeout=config.tls.handshake_timeout,
+                         challenges=composed.challenges,
+                         trusted_proxies=config.trusted_proxies)
+        self.live.challenge_fallback = self._challenge_from_store
+        self._arm(composed.next_change)
+
+    def _base(self, selector: CertSelector) -> Any:
+        ctx = base_context(self.static.tls)
+        ctx.sni_callback = selector.sni_callback
+        return ctx
+
+    def recompose(self) -> None:
+        """Build new tables from the current static snapshot and store state; swap."""
+        composed = compose(self.static, self.state, self._entries, time.time())
+        live = self.live
+        live.selector.swap(composed.certs)
+        live.routes = composed.routes
+        live.challenges = composed.challenges
+        metrics.STORE_APPLIED_REVISION.set(self.state.revision)
+        self._arm(composed.next_change)
+
+    def _arm(self, when: float | None) -> None:
+        """Recompose when a certificate starts or stops being valid (expiry fallback)."""
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+        if when is not None:
+            loop = asyncio.get_running_loop()
+            delay = max(0.0, when - time.time()) + 0.001
+            self._timer = loop.call_later(min(delay, 86400.0), self.recompose)
+
+    def reload(self) -> None:
+        """SIGHUP: re-read config and certificate files; swap only if all is valid."""
+        try:
+            static = load_static(self.config_path)
+        except TlsEdgeError as exc:
+            metrics.RELOADS.labels("failed").inc()
+            log.error("reload failed, still serving the previous config: %s", exc)
+            return
+        if static.tls != self.static.tls:
+            # TLS policy changed: new base context and cache (rebuilt lazily).
+            self.cache = ContextCache(static.tls, static.config.tls.context_cache_size)
+            selector = CertSelector(self.live.selector.table, self.cache)
+            self.live.selector = selector
+            self.static = static
+            self.live.tls_context = self._base(selector)
+        self.static = static
+        self.live.limits = static.config.limits
+        self.recompose()
+        log.info("reloaded: %d certificate names, %d apps, %d domains",
+                 len(self.live.selector.table), len(self.live.routes.apps),
+                 len(self.live.routes.domains))
+
+    async def _challenge_from_store(self, token: str) -> str | None:
+        """A token written a moment ago may not have reached our watch yet."""
+        try:
+            item = await self.store.get(rec.challenge_key(token))
+        except StoreError:
+            return None
+        return item.value.decode() if item is not None else None
+
+
+async def serve(config_path: str, https_fd: int, http_fd: int, ready_fd: int) -> int:
+    from proxy.app import open_store
+
+    static = load_static(config_path)
+    store = open_store(static.config)
+    state = await load_state(store)
+    node = WorkerNode(config_path, static, store, state)
+    follower = StoreFollower(store, state, node.recompose)
+    follow = asyncio.create_task(follower.run(), name="store-follower")
+    worker = Worker(node.live, socket.socket(fileno=https_fd), socket.socket(fileno=http_fd))
+    await worker.start()
+    loop = asyncio.get_running_loop()
+    stop = asyncio.Event()
+
+    def on_term() -> None:
+        if stop.is_set():
+            os._exit(1)  # a second signal forces the exit
+        stop.set()
+
+    loop.add_signal_handler(signal.SIGTERM, on_term)
+    loop.add_signal_handler(signal.SIGINT, on_term)
+    loop.add_signal_handler(signal.SIGHUP, node.reload)
+    os.write(ready_fd, b"ready\n")
+    os.close(ready_fd)
+    await stop.wait()
+    await worker.drain(time.monotonic() + node.static.config.limits.drain_timeout)
+    follow.cancel()
+    await store.close()
+    return 0
+
+
+def run(config_path: str, https_fd: int, http_fd: int, ready_fd: int) -> int:
+    import uvloop
+
+    _die_with_parent()
+    install_sni_unraisable_hook()
+    return uvloop.run(serve(config_path, https_fd, http_fd, ready_fd))
