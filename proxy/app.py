@@ -17,9 +17,10 @@ import signal
 import socket
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 
+from proxy import config as config_mod
 from proxy import metrics
 from proxy.certs.table import CertSelector, ContextCache, install_sni_unraisable_hook
 from proxy.certs.tls import base_context
@@ -27,6 +28,8 @@ from proxy.config import Config, parse_address
 from proxy.dataplane.server import Worker
 from proxy.dataplane.state import Live
 from proxy.errors import TlsEdgeError
+from proxy.registry import Registry
+from proxy.store.base import Store
 from proxy.sync import Snapshot, load_static
 
 log = logging.getLogger("tlsedge")
@@ -123,6 +126,7 @@ def _reload_worker(rt: _WorkerRuntime) -> None:
     live.routes = snapshot.routes
     live.limits = snapshot.config.limits
     rt.snapshot = snapshot
+    metrics.RELOAD_LAST_SUCCESS.set(time.time())
     log.info("reloaded: %d certificate names, %d apps, %d domains", len(snapshot.certs),
              len(snapshot.routes.apps), len(snapshot.routes.domains))
 
@@ -146,6 +150,9 @@ async def _serve_worker(config_path: str, https_fd: int, http_fd: int, ready_fd:
     loop.add_signal_handler(signal.SIGTERM, on_term)
     loop.add_signal_handler(signal.SIGINT, on_term)
     loop.add_signal_handler(signal.SIGHUP, _reload_worker, rt)
+    # The gauge is the minimum over live processes ("the stalest worker"): a worker
+    # that never set it would report 0 and pin the scrape there.
+    metrics.RELOAD_LAST_SUCCESS.set(time.time())
     os.write(ready_fd, b"ready\n")
     os.close(ready_fd)
     await rt.stop.wait()
@@ -314,6 +321,11 @@ class Supervisor:
 
     async def _stop_workers(self) -> None:
         self.stopping = True
+        # The workers share these listening sockets: while our copies stay open the
+        # kernel keeps completing handshakes into a backlog no one will serve. Close
+        # them first, so a draining node refuses new connections outright.
+        for sock in (*self.https, *self.http):
+            sock.close()
         grace = self.snapshot.config.limits.drain_timeout + 5.0
         live = [p for p in self.procs if p is not None and p.returncode is None]
         for proc in live:
@@ -340,3 +352,22 @@ def run_supervisor(config_path: str, *, on_ready: Callable[[], None] | None = No
 def check_config(config_path: str) -> Config:
     """Validate a config and every certificate it names (what ExecReload runs)."""
     return load_static(config_path).config
+
+
+# -- store and registry for the CLI and the admin API ------------------------------------
+
+def open_store(config: Config) -> Store:
+    """The configured store backend (a string in config picks the implementation)."""
+    from proxy.store.files import FileStore
+
+    return FileStore(config.store.path)
+
+
+@contextlib.asynccontextmanager
+async def registry_for(config_path: str) -> AsyncIterator[Registry]:
+    config = config_mod.load(config_path)
+    store = open_store(config)
+    try:
+        yield Registry(store, platform_domain=config.platform_domain, apps=config.apps.keys())
+    finally:
+        await store.close()

@@ -134,6 +134,25 @@ def _explain(err: msgspec.ValidationError) -> tuple[str, str]:
     return path, what[0].lower() + what[1:] if what else "invalid value"
 
 
+def _check_entries(data: dict[str, Any], label: str) -> None:
+    """Check each entry of the maps keyed by name on its own.
+
+    msgspec reports a bad map value as `apps[...]`; checking entry by entry lets the
+    message name the app or domain at fault.
+    """
+    for section, kind in (("apps", AppConfig), ("domains", str)):
+        entries = data.get(section)
+        if not isinstance(entries, dict):
+            continue  # the whole-config conversion reports the wrong type
+        for name, value in entries.items():
+            try:
+                msgspec.convert(value, kind)
+            except msgspec.ValidationError as exc:
+                key, reason = _explain(exc)
+                path = f"{section}.{name}.{key}" if key else f"{section}.{name}"
+                raise ConfigError(f"{label}: {path}: {reason}") from None
+
+
 def parse_address(value: str, *, where: str) -> tuple[str, int]:
     """'host:port' or '[v6]:port' -> (host, port)."""
     host, sep, port = value.rpartition(":")
@@ -162,6 +181,7 @@ def load(path: str | os.PathLike[str]) -> Config:
         raise ConfigError(f"{label}: invalid YAML{where}: {problem}") from None
     if not isinstance(data, dict):
         raise ConfigError(f"{label}: expected a mapping of settings at the top level")
+    _check_entries(data, label)
     try:
         config = msgspec.convert(data, Config)
     except msgspec.ValidationError as exc:

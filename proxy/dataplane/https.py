@@ -88,8 +88,8 @@ class Body:
 
 
 class Request:
-    __slots__ = ("body", "chunked", "content_length", "headers", "host", "keep_alive",
-                 "method", "url", "version")
+    __slots__ = ("body", "chunked", "content_length", "error", "headers", "host",
+                 "keep_alive", "method", "url", "version")
 
     def __init__(self, session: HttpSession) -> None:
         self.url = b""
@@ -101,12 +101,15 @@ class Request:
         self.chunked = False
         self.content_length: bytes | None = None
         self.body = Body(session)
+        # Set when this request must be refused, not relayed: (status, why).
+        self.error: tuple[int, str] | None = None
 
 
 class HttpSession(asyncio.Protocol):
     """One client connection (after TLS) speaking HTTP/1.1 to us."""
 
     __slots__ = (
+        "_broken",
         "_client_paused",
         "_current",
         "_done",
@@ -153,6 +156,7 @@ class HttpSession(asyncio.Protocol):
         self._read_paused = False
         self._client_paused = False
         self._done = False
+        self._broken = False
         self._idle_timer: asyncio.TimerHandle | None = None
 
     # -- asyncio.Protocol ---------------------------------------------------------
@@ -187,6 +191,8 @@ class HttpSession(asyncio.Protocol):
             # the handshake task completes, which can be after the first bytes.
             self._early.append(data)
             return
+        if self._broken:
+            return  # the parser refused earlier bytes; nothing after them is read
         if self._idle_timer is not None:
             self._idle_timer.cancel()
             self._idle_timer = None
@@ -194,8 +200,10 @@ class HttpSession(asyncio.Protocol):
             self.parser.feed_data(data)
         except httptools.HttpParserUpgrade:
             # Upgrade requests (WebSocket) are relayed by the data-plane issue; refuse
-            # them cleanly until then rather than half-forwarding.
-            self._reject(501, "upgrade is not supported yet")
+            # them cleanly until then rather than half-forwarding. httptools raises
+            # after the request was queued (on_message_complete ran): refuse that one.
+            self._reject(501, "upgrade is not supported yet",
+                         self._queue[-1] if self._queue else None)
         except (httptools.HttpParserError, httptools.HttpParserInvalidMethodError,
                 httptools.HttpParserInvalidURLError) as exc:
             log.debug("bad request from %s: %s", self.peer, exc)
@@ -310,6 +318,8 @@ class HttpSession(asyncio.Protocol):
         """Relay one request; returns whether the connection may carry another."""
         started = time.monotonic()
         request_id = os.urandom(16).hex()
+        if req.error is not None:
+            return self._respond_error(req, req.error[0], request_id, "", req.error[1])
         if req.host is None:
             if req.version == "1.1":
                 return self._respond_error(req, 400, request_id, "", "missing Host header")
@@ -328,8 +338,7 @@ class HttpSession(asyncio.Protocol):
 
     def _respond_error(self, req: Request | None, status: int, request_id: str, app: str,
                        why: str) -> bool:
-        body_done = req is None or req.body.done
-        keep = body_done and (req is None or req.keep_alive)
+        keep = req is not None and req.body.done and req.keep_alive
         head, body = pages.error(status, request_id, keep_alive=keep,
                                  head_only=req is not None and req.method == b"HEAD")
         if self.transport is not None and not self.transport.is_closing():
@@ -338,11 +347,32 @@ class HttpSession(asyncio.Protocol):
         log.debug("%s %s: %s", status, request_id, why)
         return keep
 
-    def _reject(self, status: int, why: str) -> None:
-        self._respond_error(None, status, os.urandom(16).hex(), "", why)
-        self._done = True
+    def _reject(self, status: int, why: str, req: Request | None = None) -> None:
+        """Refuse what the parser could not accept, in order, then close.
+
+        Pipelined requests before the bad bytes are still answered first: the
+        refusal is queued behind them, never written over a response in flight.
+        """
+        self._broken = True
         if self.transport is not None:
-            self.transport.close()
+            self.transport.pause_reading()
+        current = self._current
+        if req is None and current is not None and current.method:
+            # The head was accepted and is queued or relayed, its body is broken: the
+            # backend may have part of it, so no status is honest. Cut the connection.
+            if self.transport is not None:
+                self.transport.abort()
+            return
+        self._current = None
+        if req is None:
+            req = Request(self)
+            self._queue.append(req)
+        req.error = (status, why)
+        req.keep_alive = False
+        req.body.done = True
+        waiter, self._queue_waiter = self._queue_waiter, None
+        if waiter is not None and not waiter.done():
+            waiter.set_result(None)
 
     def _close_after_flush(self) -> None:
         self._done = True

@@ -106,16 +106,25 @@ class TlsAccept(asyncio.Protocol):
         if tls_transport is None:
             worker.open_connections -= 1
             return
+        session = self.session
+        if session is None or session.closed or tls_transport.is_closing():
+            # uvloop hands back a transport even when the peer left mid-handshake, and
+            # may already have called the session's connection_lost (which counted the
+            # connection closed). Not a session: adding it would leak it in `sessions`
+            # and hold every drain until its deadline.
+            metrics.HANDSHAKES.labels("failed", "").inc()
+            return
         sslobj = tls_transport.get_extra_info("ssl_object")
         version = sslobj.version() if sslobj is not None else ""
         metrics.HANDSHAKES.labels("ok", version or "").inc()
         metrics.HANDSHAKE_SECONDS.observe(time.monotonic() - self._started)
         metrics.ACTIVE_CONNECTIONS.labels("https").inc()
-        session = self.session
-        if session is not None:
-            session.tls_version = version or ""
-            worker.sessions.add(session)
-            session.connection_made(tls_transport)
+        session.tls_version = version or ""
+        worker.sessions.add(session)
+        session.connection_made(tls_transport)
+        if worker.draining:
+            # Accepted just before the listener closed: serve nothing new on it.
+            session.drain()
 
 
 class Worker:
@@ -127,6 +136,7 @@ class Worker:
         self.pool = UpstreamPool(connect_timeout=live.limits.upstream_connect_timeout)
         self.sessions: set[HttpSession] = set()
         self.open_connections = 0
+        self.draining = False
         self._https_sock = https_sock
         self._http_sock = http_sock
         self._servers: list[asyncio.Server] = []
@@ -146,6 +156,7 @@ class Worker:
 
     async def drain(self, deadline: float) -> None:
         """Stop accepting, let in-flight requests finish, close the rest at `deadline`."""
+        self.draining = True
         for server in self._servers:
             server.close()
         for session in list(self.sessions):

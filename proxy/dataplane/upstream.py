@@ -168,9 +168,11 @@ class UpstreamConnection(asyncio.Protocol):
         self._close_delimited = framing == "close"
         sink.response_head(status, reason, parser.get_http_version(), headers,
                            parser.should_keep_alive(), framing)
-        if self._head_only and framing != "none":
+        if self._head_only:
             # A response to HEAD has no body whatever its headers say; httptools
-            # cannot be told the request method, so stop the parser here.
+            # cannot be told the request method and would wait for Content-Length
+            # bytes that never come, so stop the parser here. (`framing` is already
+            # "none" for HEAD, so it cannot be the test.)
             self._finish(parser.should_keep_alive())
             raise _StopParsing
 

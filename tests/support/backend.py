@@ -1,8 +1,10 @@
 """A recording HTTP/1.1 backend for tests: every request it sees is kept.
 
 Answers with JSON describing the request (method, path, headers, body length and
-sha256, which backend answered), echoes bodies on /echo, and gives any status on
-/status/<code>. Keep-alive capable (HTTP/1.1); runs in a thread.
+sha256, which backend answered), echoes bodies on /echo, gives any status on
+/status/<code>, a chunked body on /chunked and answers late on /slow[?seconds].
+Keep-alive capable (HTTP/1.1); runs in a thread. Each request records the client
+port it came on, so tests can count the TCP connections the edge opened.
 """
 
 from __future__ import annotations
@@ -10,6 +12,7 @@ from __future__ import annotations
 import hashlib
 import json
 import threading
+import time
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
@@ -20,6 +23,7 @@ class Seen:
     path: str
     headers: list[tuple[str, str]]
     body: bytes = field(repr=False)
+    client_port: int = 0
 
     def header(self, name: str) -> str | None:
         for k, v in self.headers:
@@ -35,6 +39,7 @@ class Backend:
     def __init__(self, name: str = "b1") -> None:
         self.name = name
         self.seen: list[Seen] = []
+        self.chunks = [b"first chunk\n", b"x" * 70_000, b"", b"last chunk\n"]
         self._lock = threading.Lock()
         backend = self
 
@@ -56,7 +61,22 @@ class Backend:
                     body = self.rfile.read(int(length)) if length else b""
                 with backend._lock:
                     backend.seen.append(Seen(self.command, self.path,
-                                             list(self.headers.items()), body))
+                                             list(self.headers.items()), body,
+                                             self.client_address[1]))
+                if self.path.startswith("/slow"):
+                    _, _, seconds = self.path.partition("?")
+                    time.sleep(float(seconds or "1"))
+                if self.path.startswith("/chunked"):
+                    self.send_response(200)
+                    self.send_header("Content-Type", "application/octet-stream")
+                    self.send_header("Transfer-Encoding", "chunked")
+                    self.end_headers()
+                    for chunk in backend.chunks:
+                        if chunk:  # an empty chunk would end the body early
+                            self.wfile.write(b"%x\r\n%s\r\n" % (len(chunk), chunk))
+                            self.wfile.flush()
+                    self.wfile.write(b"0\r\n\r\n")
+                    return
                 if self.path.startswith("/status/"):
                     code = int(self.path.split("/")[2])
                     out = b"" if code in (204, 304) else f"status {code}\n".encode()
@@ -96,6 +116,11 @@ class Backend:
         self.address = f"127.0.0.1:{self.port}"
         self._thread = threading.Thread(target=self.server.serve_forever, daemon=True)
         self._thread.start()
+
+    def connections(self, seen: list[Seen] | None = None) -> set[int]:
+        """Client ports (one per TCP connection from the edge) of `seen` or of all."""
+        with self._lock:
+            return {s.client_port for s in (self.seen if seen is None else seen)}
 
     def close(self) -> None:
         self.server.shutdown()

@@ -20,7 +20,7 @@ import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 import yaml
 
@@ -57,7 +57,8 @@ class Edge:
 
     def start(self, timeout: float = 15.0) -> None:
         env = {**os.environ, **self.env}
-        env.pop("PROMETHEUS_MULTIPROC_DIR", None)
+        if "PROMETHEUS_MULTIPROC_DIR" not in self.env:
+            env.pop("PROMETHEUS_MULTIPROC_DIR", None)
         self._log = self.log_path.open("ab")
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "proxy.cli", "run", "-c", str(self.config_path)],
@@ -116,6 +117,16 @@ class Edge:
                 os.killpg(self.proc.pid, signal.SIGKILL)
             self.proc.wait()
 
+    def worker_pids(self) -> list[int]:
+        """Pids of the supervisor's live child processes (the workers), from /proc."""
+        assert self.proc is not None
+        pid = self.proc.pid
+        try:
+            text = Path(f"/proc/{pid}/task/{pid}/children").read_text()
+        except FileNotFoundError:
+            return []
+        return [int(p) for p in text.split()]
+
     # -- clients ------------------------------------------------------------------
     def tls_connect(self, server_name: str | None, *, cafile: str | None = None,
                     timeout: float = 5.0) -> ssl.SSLSocket:
@@ -167,8 +178,9 @@ class Edge:
                 data += chunk
         return data.split(b"\r\n\r\n", 1)[1].decode()
 
-    def metric(self, name: str, **labels: str) -> float:
-        """Sum of the samples of `name` whose labels include `labels`."""
+    def metric(self, name: str, /, **labels: str) -> float:
+        """Sum of the samples of `name` whose labels include `labels` (which may
+        themselves include a label called `name`)."""
         total = 0.0
         for line in self.metrics().splitlines():
             if line.startswith("#") or not line.startswith(name):
@@ -202,10 +214,15 @@ def send_request(sock: socket.socket, host: str, path: str = "/", *, method: str
     sock.sendall(("\r\n".join(lines) + "\r\n\r\n").encode() + (body or b""))
 
 
-def read_response(sock: socket.socket, *, head_only: bool = False
+def read_response(sock: socket.socket | BinaryIO, *, head_only: bool = False
                   ) -> tuple[int, dict[str, str], bytes]:
-    """Read one HTTP/1.1 response (Content-Length, chunked or close-delimited)."""
-    f = sock.makefile("rb")
+    """Read one HTTP/1.1 response (Content-Length, chunked or close-delimited).
+
+    Pass a file from `sock.makefile("rb")` to read several responses of one
+    connection (keep-alive, pipelining): a fresh buffered file per response could
+    swallow the start of the next one.
+    """
+    f = sock.makefile("rb") if isinstance(sock, socket.socket) else sock
     status_line = f.readline()
     if not status_line:
         raise ConnectionError("connection closed before a response")
@@ -230,6 +247,28 @@ def read_response(sock: socket.socket, *, head_only: bool = False
     if "content-length" in headers:
         return status, headers, f.read(int(headers["content-length"]))
     return status, headers, f.read()
+
+
+def established_remote_ports(pid: int) -> list[int]:
+    """Remote ports of the established TCP (IPv4) connections process `pid` holds.
+
+    Read from /proc: the socket inodes among the process's fds, matched against
+    /proc/net/tcp. Lets a test see which worker holds a backend connection without
+    the product exposing its pid.
+    """
+    inodes: set[str] = set()
+    fd_dir = Path(f"/proc/{pid}/fd")
+    for fd in fd_dir.iterdir() if fd_dir.exists() else ():
+        with contextlib.suppress(OSError):
+            link = os.readlink(fd)
+            if link.startswith("socket:["):
+                inodes.add(link[8:-1])
+    ports = []
+    for line in Path(f"/proc/{pid}/net/tcp").read_text().splitlines()[1:]:
+        fields = line.split()
+        if fields[3] == "01" and fields[9] in inodes:  # 01: ESTABLISHED
+            ports.append(int(fields[2].rsplit(":", 1)[1], 16))
+    return ports
 
 
 @contextlib.contextmanager
