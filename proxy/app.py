@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import ctypes
 import logging
 import os
 import signal
@@ -18,19 +17,17 @@ import socket
 import sys
 import time
 from collections.abc import AsyncIterator, Callable
-from dataclasses import dataclass, field
 
 from proxy import config as config_mod
 from proxy import metrics
-from proxy.certs.table import CertSelector, ContextCache, install_sni_unraisable_hook
-from proxy.certs.tls import base_context
+from proxy.certs.table import CertEntry
 from proxy.config import Config, parse_address
-from proxy.dataplane.server import Worker
-from proxy.dataplane.state import Live
 from proxy.errors import TlsEdgeError
-from proxy.registry import Registry
+from proxy.registry import Registry, derive_view
+from proxy.store import open_store
+from proxy.store import records as rec
 from proxy.store.base import Store
-from proxy.sync import Snapshot, load_static
+from proxy.sync import StoreFollower, compose, load_state, load_static
 
 log = logging.getLogger("tlsedge")
 
@@ -74,101 +71,6 @@ def _listen_socket(address: str, *, reuse_port: bool) -> socket.socket:
     return sock
 
 
-# -- worker ---------------------------------------------------------------------------
-
-def _die_with_parent() -> None:
-    """Linux: get SIGTERM when the supervisor dies, so no worker is orphaned."""
-    with contextlib.suppress(OSError, AttributeError):
-        libc = ctypes.CDLL(None, use_errno=True)
-        libc.prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
-
-
-@dataclass
-class _WorkerRuntime:
-    config_path: str
-    snapshot: Snapshot
-    live: Live
-    cache: ContextCache
-    stop: asyncio.Event = field(default_factory=asyncio.Event)
-    forced: bool = False
-
-
-def _live_from(snapshot: Snapshot, cache: ContextCache) -> Live:
-    config = snapshot.config
-    selector = CertSelector(snapshot.certs, cache)
-    ctx = base_context(snapshot.tls)
-    ctx.sni_callback = selector.sni_callback
-    _, https_port = parse_address(config.listen.https, where="listen.https")
-    return Live(selector=selector, tls_context=ctx, routes=snapshot.routes,
-                limits=config.limits, https_port=https_port,
-                handshake_timeout=config.tls.handshake_timeout,
-                trusted_proxies=config.trusted_proxies)
-
-
-def _reload_worker(rt: _WorkerRuntime) -> None:
-    """Re-read config and certificates; swap only if all of it is valid."""
-    try:
-        snapshot = load_static(rt.config_path)
-    except TlsEdgeError as exc:
-        metrics.RELOADS.labels("failed").inc()
-        log.error("reload failed, still serving the previous config: %s", exc)
-        return
-    live = rt.live
-    if snapshot.tls != rt.snapshot.tls:
-        # TLS policy changed: new contexts; the cache is rebuilt lazily.
-        rt.cache = ContextCache(snapshot.tls, snapshot.config.tls.context_cache_size)
-        selector = CertSelector(snapshot.certs, rt.cache)
-        ctx = base_context(snapshot.tls)
-        ctx.sni_callback = selector.sni_callback
-        live.selector, live.tls_context = selector, ctx
-    else:
-        live.selector.swap(snapshot.certs)
-    live.routes = snapshot.routes
-    live.limits = snapshot.config.limits
-    rt.snapshot = snapshot
-    metrics.RELOAD_LAST_SUCCESS.set(time.time())
-    log.info("reloaded: %d certificate names, %d apps, %d domains", len(snapshot.certs),
-             len(snapshot.routes.apps), len(snapshot.routes.domains))
-
-
-async def _serve_worker(config_path: str, https_fd: int, http_fd: int, ready_fd: int) -> int:
-    snapshot = load_static(config_path)
-    cache = ContextCache(snapshot.tls, snapshot.config.tls.context_cache_size)
-    rt = _WorkerRuntime(config_path, snapshot, _live_from(snapshot, cache), cache)
-    https_sock = socket.socket(fileno=https_fd)
-    http_sock = socket.socket(fileno=http_fd)
-    worker = Worker(rt.live, https_sock, http_sock)
-    await worker.start()
-    loop = asyncio.get_running_loop()
-
-    def on_term() -> None:
-        if rt.stop.is_set():
-            rt.forced = True
-            os._exit(1)
-        rt.stop.set()
-
-    loop.add_signal_handler(signal.SIGTERM, on_term)
-    loop.add_signal_handler(signal.SIGINT, on_term)
-    loop.add_signal_handler(signal.SIGHUP, _reload_worker, rt)
-    # The gauge is the minimum over live processes ("the stalest worker"): a worker
-    # that never set it would report 0 and pin the scrape there.
-    metrics.RELOAD_LAST_SUCCESS.set(time.time())
-    os.write(ready_fd, b"ready\n")
-    os.close(ready_fd)
-    await rt.stop.wait()
-    deadline = time.monotonic() + rt.snapshot.config.limits.drain_timeout
-    await worker.drain(deadline)
-    return 0
-
-
-def run_worker(config_path: str, https_fd: int, http_fd: int, ready_fd: int) -> int:
-    import uvloop
-
-    _die_with_parent()
-    install_sni_unraisable_hook()
-    return uvloop.run(_serve_worker(config_path, https_fd, http_fd, ready_fd))
-
-
 # -- supervisor -----------------------------------------------------------------------
 
 class Supervisor:
@@ -191,6 +93,12 @@ class Supervisor:
         self.procs: list[asyncio.subprocess.Process | None] = [None] * self.count
         self.stopping = False
         self._metrics_server: object | None = None
+        self.store: Store | None = None
+        # What /metrics reports about certificates and domains: replaced whole after
+        # each store change (the scrape runs in another thread and only reads).
+        self.expiry: list[tuple[str, str, float]] = self.snapshot.expiry()
+        self.domain_counts: dict[tuple[str, str], int] = {}
+        self._recompose: Callable[[], None] | None = None
 
     def start_metrics(self) -> None:
         address = self.snapshot.config.listen.metrics
@@ -201,7 +109,9 @@ class Supervisor:
 
         registry = CollectorRegistry()
         MultiProcessCollector(registry)  # type: ignore[no-untyped-call]
-        registry.register(metrics.CertificateExpiry(lambda: self.snapshot.expiry()))
+        registry.register(metrics.CertificateExpiry(lambda: self.expiry))
+        registry.register(metrics.DomainCertificates(
+            lambda: (self.domain_counts, self.expiry), time.time))
         host, port = parse_address(address, where="listen.metrics")
         try:
             self._metrics_server = start_http_server(port, addr=host, registry=registry)
@@ -270,6 +180,8 @@ class Supervisor:
         if (new.listen, new.workers) != (old.listen, old.workers):
             log.warning("listen addresses and worker count change only on restart")
         self.snapshot = snapshot
+        if self._recompose is not None:
+            self._recompose()
         for proc in self.procs:
             if proc is not None and proc.returncode is None:
                 proc.send_signal(signal.SIGHUP)
@@ -308,6 +220,7 @@ class Supervisor:
         log.info("serving https on %s, http on %s with %d worker(s)",
                  self.snapshot.config.listen.https, self.snapshot.config.listen.http,
                  self.count)
+        watchers += await self._node_tasks(stop)
         sd_notify("READY=1")
         if self.on_ready is not None:
             self.on_ready()
@@ -317,7 +230,60 @@ class Supervisor:
         await self._stop_workers()
         for task in watchers:
             task.cancel()
+        if self.store is not None:
+            await self.store.close()
         return 0
+
+    async def _node_tasks(self, stop: asyncio.Event) -> list[asyncio.Task[None]]:
+        """Follow the store (for metrics) and run this node's certificate lifecycle."""
+        config = self.snapshot.config
+        store = self.store = open_store(config)
+        state = await load_state(store)
+        entries: dict[str, CertEntry] = {}
+
+        def changed() -> None:
+            now = time.time()
+            composed = compose(self.snapshot, state, entries, now)
+            self.expiry = [(e.bundle.primary_name, e.source, e.bundle.not_after)
+                           for e in composed.certs.entries()]
+            counts: dict[tuple[str, str], int] = {}
+            for name, domain in state.domains.items():
+                view = derive_view(domain, state.certs.get(rec.cert_key(name, "custom")),
+                                   state.certs.get(rec.cert_key(name, "acme")),
+                                   state.statuses.get(name), now)
+                key = (view.in_use, view.status)
+                counts[key] = counts.get(key, 0) + 1
+            self.domain_counts = counts
+
+        self._recompose = changed
+        changed()
+        state_follower = StoreFollower(store, state, changed)
+        tasks = [asyncio.create_task(state_follower.run(), name="supervisor-store")]
+        if config.acme is not None:
+            tasks.append(asyncio.create_task(self._lifecycle(store, config, stop),
+                                             name="lifecycle"))
+        return tasks
+
+    async def _lifecycle(self, store: Store, config: Config, stop: asyncio.Event) -> None:
+        from proxy.lifecycle.acme import AcmeClient, AcmeSettings
+        from proxy.lifecycle.dnscheck import DnsChecker, DnsSettings
+        from proxy.lifecycle.domains import Lifecycle, LifecycleSettings
+
+        acme = config.acme
+        assert acme is not None
+        client = AcmeClient(AcmeSettings(directory=acme.directory, email=acme.email,
+                                         ca_bundle=acme.ca_bundle, key_type=acme.key_type))
+        dns = DnsChecker(DnsSettings(edge_addresses=acme.dns.edge_addresses,
+                                     cname_targets=acme.dns.cname_targets,
+                                     resolvers=acme.dns.resolvers))
+        registry = Registry(store, platform_domain=config.platform_domain,
+                            apps=config.apps.keys())
+        lifecycle = Lifecycle(store, registry, client, dns, LifecycleSettings(
+            check_interval=acme.dns.check_interval, concurrency=acme.concurrency))
+        try:
+            await lifecycle.run(stop)
+        finally:
+            client.close()
 
     async def _stop_workers(self) -> None:
         self.stopping = True
@@ -355,13 +321,6 @@ def check_config(config_path: str) -> Config:
 
 
 # -- store and registry for the CLI and the admin API ------------------------------------
-
-def open_store(config: Config) -> Store:
-    """The configured store backend (a string in config picks the implementation)."""
-    from proxy.store.files import FileStore
-
-    return FileStore(config.store.path)
-
 
 @contextlib.asynccontextmanager
 async def registry_for(config_path: str) -> AsyncIterator[Registry]:

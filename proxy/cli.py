@@ -92,10 +92,10 @@ def _dispatch(args: argparse.Namespace) -> int:
 
             return domains_cli.run(args)
         if args.command == "worker":
-            from proxy import app
+            from proxy import app, worker
 
             app.setup_logging()
-            return app.run_worker(args.config, args.https_fd, args.http_fd, args.ready_fd)
+            return worker.run(args.config, args.https_fd, args.http_fd, args.ready_fd)
     except TlsEdgeError as exc:
         print(f"tlsedge: {exc}", file=sys.stderr)
         return EXIT_REJECTED

@@ -101,6 +101,8 @@ class StoreState:
     certs: dict[str, rec.CertRecord] = field(default_factory=dict)  # by store key
     apps: dict[str, rec.AppRecord] = field(default_factory=dict)
     challenges: dict[str, str] = field(default_factory=dict)
+    # Kept for views and metrics (the supervisor); never affects what is served.
+    statuses: dict[str, rec.StatusRecord] = field(default_factory=dict)
     revision: int = 0
 
     def apply(self, key: str, value: bytes | None) -> bool:
@@ -118,6 +120,9 @@ class StoreState:
                     self.challenges.pop(token, None)
                 else:
                     self.challenges[token] = value.decode()
+            elif key.startswith(rec.STATUS):
+                _put(self.statuses, key[len(rec.STATUS):], value, rec.StatusRecord)
+                return False
             else:
                 return False
         except ValueError as exc:  # a record we cannot decode must not stop the others
@@ -137,7 +142,7 @@ async def load_state(store: Store) -> StoreState:
     """Everything the data plane needs, read at one revision (or slightly after:
     replaying the watch from `revision` re-applies those changes idempotently)."""
     state = StoreState(revision=await store.revision())
-    for prefix in (rec.DOMAINS, rec.CERTS, rec.APPS, rec.CHALLENGES):
+    for prefix in (rec.DOMAINS, rec.CERTS, rec.APPS, rec.CHALLENGES, rec.STATUS):
         for item in await store.scan(prefix):
             state.apply(item.key, item.value)
     return state

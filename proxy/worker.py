@@ -16,6 +16,7 @@ import os
 import signal
 import socket
 import time
+from typing import Any
 
 from proxy import metrics
 from proxy.certs.table import CertEntry, CertSelector, ContextCache, install_sni_unraisable_hook
@@ -24,6 +25,7 @@ from proxy.config import parse_address
 from proxy.dataplane.server import Worker
 from proxy.dataplane.state import Live
 from proxy.errors import StoreError, TlsEdgeError
+from proxy.store import open_store
 from proxy.store import records as rec
 from proxy.store.base import Store
 from proxy.sync import Snapshot, StoreFollower, StoreState, compose, load_state, load_static
@@ -105,6 +107,7 @@ class WorkerNode:
         self.static = static
         self.live.limits = static.config.limits
         self.recompose()
+        metrics.RELOAD_LAST_SUCCESS.set(time.time())
         log.info("reloaded: %d certificate names, %d apps, %d domains",
                  len(self.live.selector.table), len(self.live.routes.apps),
                  len(self.live.routes.domains))
@@ -119,8 +122,6 @@ class WorkerNode:
 
 
 async def serve(config_path: str, https_fd: int, http_fd: int, ready_fd: int) -> int:
-    from proxy.app import open_store
-
     static = load_static(config_path)
     store = open_store(static.config)
     state = await load_state(store)
@@ -140,6 +141,9 @@ async def serve(config_path: str, https_fd: int, http_fd: int, ready_fd: int) ->
     loop.add_signal_handler(signal.SIGTERM, on_term)
     loop.add_signal_handler(signal.SIGINT, on_term)
     loop.add_signal_handler(signal.SIGHUP, node.reload)
+    # The gauge is the minimum over live processes ("the stalest worker"): a worker
+    # that never set it would report 0 and pin the scrape there.
+    metrics.RELOAD_LAST_SUCCESS.set(time.time())
     os.write(ready_fd, b"ready\n")
     os.close(ready_fd)
     await stop.wait()

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import re
+from collections.abc import Awaitable, Callable
 from typing import cast
 
 import httptools
@@ -21,10 +23,12 @@ from proxy.routing import split_host
 log = logging.getLogger("tlsedge.http80")
 
 _CHALLENGE_PREFIX = b"/.well-known/acme-challenge/"
+_TOKEN = re.compile(r"[A-Za-z0-9_-]{1,128}")  # ACME tokens are base64url (RFC 8555 8.3)
 
 
 class PlainHttpSession(asyncio.Protocol):
-    __slots__ = ("_host", "_method", "_timer", "_url", "live", "parser", "transport")
+    __slots__ = ("_host", "_method", "_pending", "_timer", "_url", "live", "parser",
+                 "transport")
 
     def __init__(self, live: Live) -> None:
         self.live = live
@@ -34,6 +38,7 @@ class PlainHttpSession(asyncio.Protocol):
         self._host = b""
         self._method = b""
         self._timer: asyncio.TimerHandle | None = None
+        self._pending: asyncio.Task[None] | None = None
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = cast(asyncio.Transport, transport)
@@ -81,14 +86,38 @@ class PlainHttpSession(asyncio.Protocol):
         keep = self.parser.should_keep_alive()
         url = self._url
         if url.startswith(_CHALLENGE_PREFIX):
-            transport.write(self._challenge(url[len(_CHALLENGE_PREFIX):], keep))
+            token = url[len(_CHALLENGE_PREFIX):].decode("latin-1")
+            answer = self.live.challenges.get(token)
+            fallback = self.live.challenge_fallback
+            if answer is None and fallback is not None and _TOKEN.fullmatch(token):
+                # Not in our snapshot yet: ask the store, holding further requests
+                # on this connection until it answers (order is kept).
+                transport.pause_reading()
+                self._pending = asyncio.get_running_loop().create_task(
+                    self._answer_later(fallback, token, keep), name="challenge-lookup")
+                return
+            transport.write(self._challenge(answer, keep))
         else:
             transport.write(self._redirect(url, keep))
         if not keep:
             transport.close()
 
-    def _challenge(self, token: bytes, keep: bool) -> bytes:
-        answer = self.live.challenges.get(token.decode("latin-1"))
+    async def _answer_later(self, fallback: Callable[[str], Awaitable[str | None]],
+                            token: str, keep: bool) -> None:
+        try:
+            answer = await fallback(token)
+        except Exception:  # the store is down: a miss, like any unknown token
+            answer = None
+        transport = self.transport
+        if transport is None or transport.is_closing():
+            return
+        transport.write(self._challenge(answer, keep))
+        if keep:
+            transport.resume_reading()
+        else:
+            transport.close()
+
+    def _challenge(self, answer: str | None, keep: bool) -> bytes:
         if answer is None:
             metrics.CHALLENGES_SERVED.labels("miss").inc()
             head, body = pages.error(404, "-", keep_alive=keep)

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import ipaddress
 import ssl
-from collections.abc import Mapping
+from collections.abc import Awaitable, Callable, Mapping
 
 from proxy.certs.table import CertSelector
 from proxy.config import Limits
@@ -17,8 +17,8 @@ from proxy.routing import RouteTable
 
 
 class Live:
-    __slots__ = ("challenges", "handshake_timeout", "https_port", "limits", "routes",
-                 "selector", "tls_context", "trusted_proxies")
+    __slots__ = ("challenge_fallback", "challenges", "handshake_timeout", "https_port",
+                 "limits", "routes", "selector", "tls_context", "trusted_proxies")
 
     def __init__(self, *, selector: CertSelector, tls_context: ssl.SSLContext,
                  routes: RouteTable, limits: Limits, https_port: int,
@@ -34,5 +34,8 @@ class Live:
         self.limits = limits
         self.https_port = https_port
         self.challenges: Mapping[str, str] = challenges or {}
+        # Asked on a challenge miss: a token written a moment ago may not have
+        # reached this worker's snapshot yet (the composition root wires the store).
+        self.challenge_fallback: Callable[[str], Awaitable[str | None]] | None = None
         self.trusted_proxies = tuple(ipaddress.ip_network(p, strict=False)
                                      for p in trusted_proxies)
