@@ -104,8 +104,13 @@ class Store(Protocol):
         """Every change under `prefix` with revision > `after`, in revision order,
         without gaps, then new changes as they happen (within 1 s).
 
+        A backend may skip intermediate values of a key that changed several times
+        in one batch; what is guaranteed is that a watcher that has applied every
+        event holds exactly what a fresh scan() returns at that revision.
+
         Raises Compacted when `after` is older than what the store keeps; the
-        watcher then reloads with scan() and watches again from revision().
+        watcher then reads revision() first, scans, and watches from that revision
+        (changes made during the scan are replayed, idempotently).
         """
         ...
 

@@ -1,0 +1,603 @@
+"""FileStore: the Store contract on one local directory, shared by every process of a node.
+
+Owns the on-disk layout (records, change log, inter-process lock). It never logs a value,
+never creates a file anyone but the owner can read, and does its file I/O in threads.
+
+Layout of the store directory (0700; every file 0600, created so, never chmod-ed):
+
+    lock          flock(2) target: LOCK_EX around every write, LOCK_SH around log reads
+    changes.log   "tlsedge-changes 1 <base>\\n", then one "<revision> put|del <key>\\n" per
+                  write; revisions are contiguous from base+1, so the last line is the
+                  store's revision and `revision - base` is the number of entries kept
+    data/         one file per record: `certs/a.example/acme` -> data/certs.d/a.example.d/acme.rec
+                  holding "tlsedge-record 1 <revision> <length>\\n" + the raw value
+
+Distinct suffixes (".d", ".rec", ".tmp") keep a key and the keys below it (`a`, `a/b`) and
+temporary files from ever sharing a name. A write, under LOCK_EX: append + fdatasync the
+log entry (an intent), then tmp file + fsync + rename + fsync of the directory. A writer
+killed in between consumed a revision without changing the record; readers and watchers
+treat that entry as a no-op (the record's own revision is older than the entry's).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import fcntl
+import json
+import logging
+import os
+import re
+import secrets
+import socket
+import time
+from collections.abc import AsyncIterator, Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import ParamSpec, TypeVar
+
+from proxy.errors import ConflictError, LockTimeout, StoreError
+from proxy.store.base import Compacted, Event, Item
+
+log = logging.getLogger("tlsedge.store.files")
+
+LOCKS = "locks/"
+_SEGMENT = re.compile(r"[a-z0-9._*-]{1,250}")
+_MAX_KEY = 1024  # keeps a log line far below the 4 KiB tail window read on every write
+_LOG_MAGIC = b"tlsedge-changes 1 "
+_REC_MAGIC = b"tlsedge-record 1 "
+_REC, _DIR, _TMP = ".rec", ".d", ".tmp"
+_TAIL = 4096
+_LOCK_POLL = 0.05
+_BATCH = 4096  # log entries handled per LOCK_SH hold, so a catching-up watcher never
+#                holds writers off for long
+_READ_MAX = 1 << 20
+
+P = ParamSpec("P")
+T = TypeVar("T")
+
+
+def _split_key(key: str) -> list[str]:
+    parts = key.split("/")
+    if len(key) > _MAX_KEY or not all(_SEGMENT.fullmatch(p) and p not in (".", "..")
+                                      for p in parts):
+        raise StoreError(f"invalid store key {key[:80]!r}: use '/'-separated segments of "
+                         f"a-z 0-9 . _ * - (1-250 characters, not '.' or '..')")
+    return parts
+
+
+def _check_prefix(prefix: str) -> None:
+    head, slash, last = prefix.rpartition("/")
+    if slash:
+        _split_key(head)
+    if last and not _SEGMENT.fullmatch(last):
+        raise StoreError(f"invalid store prefix {prefix[:80]!r}")
+
+
+def _encode_record(revision: int, value: bytes) -> bytes:
+    return b"%s%d %d\n" % (_REC_MAGIC, revision, len(value)) + value
+
+
+def _read_record(path: str, *, header_only: bool = False) -> tuple[int, bytes] | None:
+    """(revision, value) of the record file at `path`, or None when there is none."""
+    try:
+        with open(path, "rb") as f:
+            data = f.read(64) if header_only else f.read()
+    except (FileNotFoundError, NotADirectoryError):
+        return None
+    nl = data.find(b"\n", 0, 64)
+    try:
+        if nl < 0 or not data.startswith(_REC_MAGIC):
+            raise ValueError
+        revision, length = (int(x) for x in data[len(_REC_MAGIC):nl].split())
+    except ValueError:
+        raise StoreError(f"record file {path} is not a tlsedge record") from None
+    value = data[nl + 1:]
+    if not header_only and len(value) != length:
+        raise StoreError(f"record file {path} is damaged ({len(value)} of {length} bytes)")
+    return revision, value
+
+
+def _parse_entry(line: bytes) -> tuple[int, bool, str]:
+    """(revision, deleted, key) of one change-log line."""
+    revision, op, key = line.split(b" ", 2)
+    return int(revision), op == b"del", key.decode()
+
+
+def _fsync_dir(path: str) -> None:
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _write_new(path: str, data: bytes) -> None:
+    """Create `path` 0600 (replacing a leftover) with `data`, durably."""
+    with contextlib.suppress(FileNotFoundError):
+        os.unlink(path)
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC,
+                 0o600)
+    try:
+        view = memoryview(data)
+        while view:
+            view = view[os.write(fd, view):]
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+@dataclass(frozen=True, slots=True)
+class _Tail:
+    base: int
+    revision: int
+    good_size: int  # where the last complete line ends
+    last_key: str | None
+
+
+_DAMAGED_LOG = "the store's changes.log is damaged"
+
+
+def _read_header(fd: int) -> tuple[int, int]:
+    """(base revision, where the entries start) of the change log open at `fd`."""
+    head = os.pread(fd, 64, 0)
+    nl = head.find(b"\n")
+    try:
+        if nl < 0 or not head.startswith(_LOG_MAGIC):
+            raise ValueError
+        return int(head[len(_LOG_MAGIC):nl]), nl + 1
+    except ValueError:
+        raise StoreError(_DAMAGED_LOG) from None
+
+
+def _read_tail(fd: int) -> _Tail:
+    """The log's base and revision, read from its header and its last complete line."""
+    base, entries = _read_header(fd)
+    size = os.fstat(fd).st_size
+    start = max(entries, size - _TAIL)
+    window = os.pread(fd, size - start, start)
+    end = window.rfind(b"\n")
+    prev = window.rfind(b"\n", 0, max(end, 0))
+    if end < 0 or prev < 0:
+        if start != entries:  # no complete entry in a window wider than any entry
+            raise StoreError(_DAMAGED_LOG)
+        if end < 0:
+            return _Tail(base, base, start, None)
+    try:
+        revision, _, key = _parse_entry(window[prev + 1:end])
+    except ValueError:
+        raise StoreError(_DAMAGED_LOG) from None
+    return _Tail(base, revision, start + end + 1, key)
+
+
+class FileStore:
+    """A Store on a local directory, safe to open from many processes at once.
+
+    Thread and loop safety: every method may be called concurrently from one loop (or
+    several loops and processes); each write takes the directory's flock for itself.
+    `secret=True` changes nothing here: every file is 0600 already. Values are never
+    logged. close() ends every watch of this instance.
+    """
+
+    def __init__(self, path: str | Path, *, poll_interval: float = 0.1,
+                 keep_changes: int = 100_000) -> None:
+        if keep_changes < 2:
+            raise StoreError("keep_changes must be at least 2")
+        self._root = str(Path(path).absolute())
+        self._data = os.path.join(self._root, "data")
+        self._lock_path = os.path.join(self._root, "lock")
+        self._log_path = os.path.join(self._root, "changes.log")
+        self._poll_interval = poll_interval
+        self._keep_changes = keep_changes
+        self._closed = False
+        try:
+            self._setup()
+        except OSError as exc:
+            raise StoreError(f"cannot open the store at {self._root}: {exc}") from None
+
+    @classmethod
+    async def open(cls, path: str | Path, *, poll_interval: float = 0.1,
+                   keep_changes: int = 100_000) -> FileStore:
+        """The constructor, run in a thread."""
+        return await asyncio.to_thread(cls, path, poll_interval=poll_interval,
+                                       keep_changes=keep_changes)
+
+    def __repr__(self) -> str:
+        return f"FileStore({self._root!r})"
+
+    def _setup(self) -> None:
+        for d in (self._root, self._data):
+            with contextlib.suppress(FileExistsError):
+                os.mkdir(d, 0o700)
+        if os.stat(self._root).st_mode & 0o077:
+            log.warning("store directory %s is accessible to other users; it should be 0700",
+                        self._root)
+        with self._flock(fcntl.LOCK_EX):
+            if not os.path.exists(self._log_path):
+                self._replace_log(_LOG_MAGIC + b"0\n")
+
+    # -- the inter-process lock ------------------------------------------------------------
+
+    @contextlib.contextmanager
+    def _flock(self, mode: int) -> Iterator[None]:
+        # A descriptor per use: flock belongs to the open file description, so threads of
+        # one process exclude each other only through descriptors of their own.
+        fd = os.open(self._lock_path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        try:
+            fcntl.flock(fd, mode)
+            yield
+        finally:
+            os.close(fd)  # releases the flock
+
+    async def _call(self, what: str, fn: Callable[P, T], *args: P.args,
+                    **kwargs: P.kwargs) -> T:
+        if self._closed:
+            raise StoreError("the store is closed")
+        try:
+            return await asyncio.to_thread(fn, *args, **kwargs)
+        except OSError as exc:
+            raise StoreError(f"store {self._root}: cannot {what}: {exc.strerror or exc}"
+                             ) from None
+
+    # -- paths -----------------------------------------------------------------------------
+
+    def _dir_of(self, parts: list[str]) -> str:
+        return os.path.join(self._data, *(p + _DIR for p in parts))
+
+    def _record_path(self, parts: list[str]) -> str:
+        return os.path.join(self._dir_of(parts[:-1]), parts[-1] + _REC)
+
+    # -- reads -----------------------------------------------------------------------------
+
+    async def get(self, key: str) -> Item | None:
+        path = self._record_path(_split_key(key))
+        found = await self._call(f"read {key}", _read_record, path)
+        return None if found is None else Item(key, found[1], found[0])
+
+    async def scan(self, prefix: str) -> list[Item]:
+        _check_prefix(prefix)
+        return await self._call(f"scan {prefix!r}", self._scan_sync, prefix)
+
+    async def keys(self, prefix: str) -> list[str]:
+        _check_prefix(prefix)
+        found = await self._call(f"list {prefix!r}", self._walk, prefix)
+        return [key for key, _ in found]
+
+    async def revision(self) -> int:
+        return await self._call("read the revision", self._revision_sync)
+
+    def _revision_sync(self) -> int:
+        # Under LOCK_SH: a write in flight has logged its revision before its record is in
+        # place; revision() must not return it, or scan() after it could miss that write.
+        with self._flock(fcntl.LOCK_SH):
+            fd = os.open(self._log_path, os.O_RDONLY | os.O_CLOEXEC)
+            try:
+                return _read_tail(fd).revision
+            finally:
+                os.close(fd)
+
+    def _walk(self, prefix: str) -> list[tuple[str, str]]:
+        """(key, file path) of every record whose key starts with `prefix`, sorted."""
+        head, _, partial = prefix.rpartition("/")
+        start = self._dir_of(head.split("/")) if head else self._data
+        found: list[tuple[str, str]] = []
+        stack = [(start, head + "/" if head else "", partial)]
+        while stack:
+            directory, key_prefix, want = stack.pop()
+            try:
+                entries = list(os.scandir(directory))
+            except (FileNotFoundError, NotADirectoryError):
+                continue  # removed by a delete meanwhile
+            for entry in entries:
+                name = entry.name
+                if name.endswith(_REC):
+                    segment = name[:-len(_REC)]
+                    if segment.startswith(want):
+                        found.append((key_prefix + segment, entry.path))
+                elif name.endswith(_DIR):
+                    segment = name[:-len(_DIR)]
+                    if segment.startswith(want):
+                        stack.append((entry.path, key_prefix + segment + "/", ""))
+        found.sort()
+        return found
+
+    def _scan_sync(self, prefix: str) -> list[Item]:
+        items = []
+        for key, path in self._walk(prefix):
+            record = _read_record(path)
+            if record is not None:
+                items.append(Item(key, record[1], record[0]))
+        return items
+
+    # -- writes ----------------------------------------------------------------------------
+
+    async def put(self, key: str, value: bytes, *, expect: int | None = None,
+                  secret: bool = False) -> int:
+        parts = _split_key(key)
+        revision = await self._call(f"write {key}", self._write_sync, key, parts,
+                                    bytes(value), expect)
+        assert revision is not None
+        return revision
+
+    async def delete(self, key: str, *, expect: int | None = None) -> bool:
+        parts = _split_key(key)
+        revision = await self._call(f"delete {key}", self._write_sync, key, parts, None,
+                                    expect)
+        return revision is not None
+
+    def _write_sync(self, key: str, parts: list[str], value: bytes | None,
+                    expect: int | None) -> int | None:
+        with self._flock(fcntl.LOCK_EX):
+            return self._write_locked(key, parts, value, expect)
+
+    def _write_locked(self, key: str, parts: list[str], value: bytes | None,
+                      expect: int | None) -> int | None:
+        """Write or delete (value None) under LOCK_EX; the new revision, or None when a
+        delete found nothing to delete."""
+        path = self._record_path(parts)
+        fd = os.open(self._log_path, os.O_RDWR | os.O_APPEND | os.O_CLOEXEC)
+        try:
+            tail = _read_tail(fd)
+            if tail.good_size != os.fstat(fd).st_size:  # a writer died mid-append
+                os.ftruncate(fd, tail.good_size)
+            if tail.last_key is not None:  # the last writer may have died mid-write
+                last = tail.last_key.split("/")
+                with contextlib.suppress(FileNotFoundError, NotADirectoryError):
+                    os.unlink(os.path.join(self._dir_of(last[:-1]), last[-1] + _TMP))
+            found = _read_record(path, header_only=True)
+            current = 0 if found is None else found[0]
+            if expect is not None and expect != current:
+                if expect == 0:
+                    raise ConflictError(f"{key} already exists (revision {current})")
+                state = "is absent" if found is None else f"is at revision {current}"
+                raise ConflictError(f"{key} changed: expected revision {expect}, it {state}")
+            if value is None and found is None:
+                return None
+            revision = tail.revision + 1
+            op = b"put" if value is not None else b"del"
+            os.write(fd, b"%d %s %s\n" % (revision, op, key.encode()))
+            os.fdatasync(fd)
+            if value is None:
+                self._remove_record(parts, path)
+            else:
+                directory = self._make_dirs(parts[:-1])
+                tmp = os.path.join(directory, parts[-1] + _TMP)
+                _write_new(tmp, _encode_record(revision, value))
+                os.replace(tmp, path)
+                _fsync_dir(directory)
+            if revision - tail.base > self._keep_changes:
+                try:
+                    self._compact(fd, revision)
+                except OSError as exc:  # the write itself is done; the next one retries
+                    log.warning("store change log compaction failed: %s", exc)
+            return revision
+        finally:
+            os.close(fd)
+
+    def _make_dirs(self, parts: list[str]) -> str:
+        directory = self._data
+        for part in parts:
+            parent, directory = directory, os.path.join(directory, part + _DIR)
+            try:
+                os.mkdir(directory, 0o700)
+            except FileExistsError:
+                continue
+            _fsync_dir(parent)
+        return directory
+
+    def _remove_record(self, parts: list[str], path: str) -> None:
+        os.unlink(path)
+        directory = os.path.dirname(path)
+        _fsync_dir(directory)
+        # Empty directories go too (safe: every writer holds LOCK_EX), so deleted domains
+        # leave nothing behind for scans to walk.
+        while directory != self._data:
+            try:
+                os.rmdir(directory)
+            except OSError:
+                break
+            directory = os.path.dirname(directory)
+
+    def _replace_log(self, content: bytes) -> None:
+        tmp = self._log_path + _TMP
+        _write_new(tmp, content)
+        os.replace(tmp, self._log_path)
+        _fsync_dir(self._root)
+
+    def _compact(self, fd: int, revision: int) -> None:
+        """Keep the newest half of the change log (under LOCK_EX)."""
+        keep_from = revision - self._keep_changes // 2 + 1
+        size = os.fstat(fd).st_size
+        lines = os.pread(fd, size, 0).split(b"\n")
+        base = int(lines[0][len(_LOG_MAGIC):])
+        kept = lines[keep_from - base:]  # line i holds revision base + i
+        self._replace_log(_LOG_MAGIC + b"%d\n" % (keep_from - 1) + b"\n".join(kept))
+        log.info("store change log compacted: kept revisions %d to %d", keep_from, revision)
+
+    # -- watch -----------------------------------------------------------------------------
+
+    async def watch(self, prefix: str, after: int) -> AsyncIterator[Event]:
+        """Tails changes.log (a stat every poll_interval; reads only when it changed).
+
+        A batch of log entries (start, end] is read under LOCK_SH, so each of them belongs
+        to a finished write or to one whose writer died (which changed nothing). For each
+        key named in the batch the record as it is now decides, not the entries:
+        - record with revision in (start, end]: yield it, with its own revision;
+        - record newer than end: skip, a later batch holds its entry;
+        - record at or before start: the watcher has it already (later writes died);
+        - no record: yield a delete at the batch's last delete of the key, if any (else
+          a later batch holds the delete, or the put died on an absent key).
+        So after the batch caught up with the log, the watcher holds exactly what scan()
+        returns, revisions only go up, and every revision is yielded at most once. Values a
+        key took in between inside one batch are skipped, not replayed.
+        """
+        _check_prefix(prefix)
+        if self._closed:
+            raise StoreError("the store is closed")
+        cursor = _LogCursor(self, after)
+        while not self._closed:
+            if cursor.may_have_news():
+                events, more = await self._call("read the change log", cursor.read, prefix)
+                for event in events:
+                    yield event
+                if more:
+                    continue
+            await asyncio.sleep(self._poll_interval)
+
+    # -- locks -----------------------------------------------------------------------------
+
+    async def lock(self, name: str, *, ttl: float, wait: float = 0.0) -> FileLease:
+        """Takes `locks/<name>` when absent or expired: that write's revision is the token."""
+        parts = _split_key(LOCKS + name)
+        if len(parts) != 2:
+            raise StoreError(f"invalid lock name {name[:80]!r}: one key segment, no '/'")
+        owner = secrets.token_hex(16)
+        deadline = time.monotonic() + wait
+        while True:
+            token, holder = await self._call(f"take lock {name}", self._acquire_sync, parts,
+                                             owner, ttl)
+            if token is not None:
+                return FileLease(self, parts, owner, token, ttl)
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                raise LockTimeout(f"lock {name} is held by {holder}; gave up after {wait:g} s")
+            await asyncio.sleep(min(_LOCK_POLL, remaining))
+
+    def _lock_record(self, parts: list[str]) -> dict[str, object] | None:
+        found = _read_record(self._record_path(parts))
+        if found is None:
+            return None
+        try:
+            record = json.loads(found[1])
+            if isinstance(record, dict):
+                return record
+        except ValueError:
+            pass
+        raise StoreError(f"lock record {'/'.join(parts)} is damaged; delete it to free the lock")
+
+    def _lock_value(self, owner: str, ttl: float) -> bytes:
+        holder = f"pid {os.getpid()} on {socket.gethostname()}"
+        return json.dumps({"owner": owner, "holder": holder,
+                           "expires": time.time() + ttl}).encode()
+
+    def _acquire_sync(self, parts: list[str], owner: str, ttl: float
+                      ) -> tuple[int | None, str]:
+        with self._flock(fcntl.LOCK_EX):
+            record = self._lock_record(parts)
+            now = time.time()
+            if record is not None:
+                expires = record.get("expires")
+                if isinstance(expires, float | int) and expires > now:
+                    return None, f"{record.get('holder')} for {expires - now:.1f} s more"
+            revision = self._write_locked("/".join(parts), parts,
+                                          self._lock_value(owner, ttl), None)
+            assert revision is not None
+            return revision, ""
+
+    def _renew_sync(self, parts: list[str], owner: str, ttl: float | None) -> bool:
+        """Extend (ttl) or release (None) the lock if `owner` still holds it."""
+        with self._flock(fcntl.LOCK_EX):
+            record = self._lock_record(parts)
+            if record is None or record.get("owner") != owner:
+                return False
+            value = None if ttl is None else self._lock_value(owner, ttl)
+            self._write_locked("/".join(parts), parts, value, None)
+            return True
+
+    async def close(self) -> None:
+        self._closed = True
+
+
+class FileLease:
+    """A lock held in a FileStore. `token` is the revision that took it (fencing)."""
+
+    __slots__ = ("_owner", "_parts", "_store", "_ttl", "token")
+
+    def __init__(self, store: FileStore, parts: list[str], owner: str, token: int,
+                 ttl: float) -> None:
+        self._store, self._parts, self._owner, self._ttl = store, parts, owner, ttl
+        self.token = token
+
+    def __repr__(self) -> str:
+        return f"FileLease({self._parts[-1]!r}, token={self.token})"
+
+    async def refresh(self) -> bool:
+        """Extends by ttl from now; True while still ours, even if it had expired unseen."""
+        return await self._store._call("refresh a lock", self._store._renew_sync,
+                                       self._parts, self._owner, self._ttl)
+
+    async def release(self) -> None:
+        await self._store._call("release a lock", self._store._renew_sync, self._parts,
+                                self._owner, None)
+
+
+class _LogCursor:
+    """A watcher's place in changes.log: which file (inode), how far, the last revision.
+
+    It opens the log for each read instead of keeping a descriptor: a watch cancelled
+    while its read runs in a thread must not close a descriptor that thread still uses.
+    """
+
+    def __init__(self, store: FileStore, after: int) -> None:
+        self._store = store
+        self.position = after  # every change up to here has been handled
+        self._inode = self._base = -1
+        self._offset = 0
+
+    def may_have_news(self) -> bool:
+        """One stat(2) on the loop: has the log grown or been replaced since the last read?"""
+        try:
+            st = os.stat(self._store._log_path)
+        except OSError:
+            return True  # let read() report it
+        return st.st_ino != self._inode or st.st_size != self._offset
+
+    def read(self, prefix: str) -> tuple[list[Event], bool]:
+        """The next batch of events and whether more entries are waiting."""
+        store = self._store
+        with store._flock(fcntl.LOCK_SH):
+            fd = os.open(store._log_path, os.O_RDONLY | os.O_CLOEXEC)
+            try:
+                # (inode, base) names one log file: a compaction replaces the file and
+                # raises the base, even should a later file get an old inode number.
+                base, entries = _read_header(fd)
+                if (os.fstat(fd).st_ino, base) != (self._inode, self._base):
+                    if self.position < base:
+                        raise Compacted(base + 1)
+                    self._inode, self._base = os.fstat(fd).st_ino, base
+                    self._offset = entries
+                data = os.pread(fd, _READ_MAX, self._offset)
+            finally:
+                os.close(fd)
+            complete = data[:data.rfind(b"\n") + 1]  # a crashed writer may leave half a line
+            start = self.position
+            changed: dict[str, int | None] = {}  # key -> its last delete in this batch
+            count = used = 0
+            for line in complete.splitlines(keepends=True):
+                if count == _BATCH:
+                    break
+                used += len(line)
+                try:
+                    revision, deleted, key = _parse_entry(line[:-1])
+                except ValueError:
+                    raise StoreError(_DAMAGED_LOG) from None
+                if revision <= self.position:
+                    continue  # seen before: the log was replaced by a compaction
+                if revision != self.position + 1:
+                    raise StoreError(f"the store's changes.log skips from revision "
+                                     f"{self.position} to {revision}")
+                self.position = revision
+                count += 1
+                if key.startswith(prefix):
+                    changed[key] = revision if deleted else changed.get(key)
+            self._offset += used
+            events = []
+            for key, last_delete in changed.items():
+                found = _read_record(store._record_path(key.split("/")))
+                if found is None:
+                    if last_delete is not None:
+                        events.append(Event(key, None, last_delete))
+                elif start < found[0] <= self.position:
+                    events.append(Event(key, found[1], found[0]))
+        events.sort(key=lambda e: e.revision)
+        return events, used < len(complete) or len(data) == _READ_MAX

@@ -1,0 +1,633 @@
+"""The Store contract (proxy/store/base.py), run against every backend in BACKENDS.
+
+Adding a backend is one entry in BACKENDS: a class that opens stores sharing one
+namespace (`open()` again = another process's view). The FileStore-only checks (file
+modes, temporary files, damaged files) are at the end.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import json
+import os
+import random
+import signal
+import stat
+import subprocess
+import sys
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine, Iterator
+from pathlib import Path
+from typing import Any, Protocol
+
+import pytest
+
+from proxy.errors import ConflictError, LockTimeout, StoreError
+from proxy.store.base import Compacted, Event, Lease, Store
+from proxy.store.files import FileStore
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+class StoreBackend(Protocol):
+    name: str
+
+    def __init__(self, where: Path) -> None: ...
+
+    async def open(self, *, history: int | None = None) -> Store:
+        """A new client of the same store; `history`: keep only about that many changes."""
+        ...
+
+
+class FilesBackend:
+    name = "files"
+
+    def __init__(self, where: Path) -> None:
+        self.path = where / "store"
+
+    async def open(self, *, history: int | None = None) -> Store:
+        return await FileStore.open(self.path, poll_interval=0.05,
+                                    keep_changes=history or 100_000)
+
+
+BACKENDS: dict[str, type[StoreBackend]] = {"files": FilesBackend}
+
+
+@pytest.fixture(params=sorted(BACKENDS))
+def store_backend(request: pytest.FixtureRequest, tmp_path: Path) -> StoreBackend:
+    return BACKENDS[request.param](tmp_path)
+
+
+Body = Callable[[Store], Awaitable[None]]
+
+
+def run(backend: StoreBackend, body: Body, *, history: int | None = None,
+        timeout: float = 15.0) -> None:
+    """Open a store on a fresh loop, run `body` with it, close it."""
+    async def main() -> None:
+        store = await backend.open(history=history)
+        try:
+            await asyncio.wait_for(body(store), timeout)
+        finally:
+            await store.close()
+    asyncio.run(main())
+
+
+async def next_events(events: AsyncIterator[Event], n: int, within: float = 2.0
+                      ) -> list[Event]:
+    return [await asyncio.wait_for(anext(events), within) for _ in range(n)]
+
+
+async def drain(events: AsyncIterator[Event], idle: float = 0.5) -> list[Event]:
+    """Every event until none came for `idle` seconds."""
+    seen = []
+    while True:
+        try:
+            seen.append(await asyncio.wait_for(anext(events), idle))
+        except TimeoutError:
+            return seen
+
+
+def state_after(events: list[Event], start: dict[str, bytes] | None = None
+                ) -> dict[str, bytes]:
+    state = dict(start or {})
+    for e in events:
+        if e.value is None:
+            state.pop(e.key, None)
+        else:
+            state[e.key] = e.value
+    return state
+
+
+# -- child processes (they import this module and call child_main) ---------------------
+
+def spawn(backend: StoreBackend, where: Path, *args: str) -> subprocess.Popen[str]:
+    code = "import sys; from tests.test_store_contract import child_main; child_main(sys.argv[1:])"
+    return subprocess.Popen([sys.executable, "-c", code, backend.name, str(where), *args],
+                            cwd=REPO, stdout=subprocess.PIPE, text=True)
+
+
+def child_main(argv: list[str]) -> None:
+    name, where, mode, *rest = argv
+    backend = BACKENDS[name](Path(where))
+    asyncio.run(_CHILD_MODES[mode](backend, *rest))
+
+
+async def _child_increments(backend: StoreBackend, count: str) -> None:
+    store = await backend.open()
+    revisions = []
+    for _ in range(int(count)):
+        while True:
+            item = await store.get("counter/value")
+            value = 0 if item is None else int(item.value)
+            try:
+                revisions.append(await store.put("counter/value", b"%d" % (value + 1),
+                                                 expect=0 if item is None else item.revision))
+                break
+            except ConflictError:
+                continue
+    print(json.dumps(revisions), flush=True)
+    await store.close()
+
+
+def checked_value(n: int, size: int) -> bytes:
+    payload = random.randbytes(size)
+    return b"%d:%s:" % (n, hashlib.sha256(payload).hexdigest().encode()) + payload
+
+
+def verify_value(value: bytes) -> None:
+    _, digest, payload = value.split(b":", 2)
+    assert hashlib.sha256(payload).hexdigest().encode() == digest, "torn record"
+
+
+async def _child_churn(backend: StoreBackend) -> None:
+    store = await backend.open()
+    n = 0
+    while True:  # until SIGKILL
+        await store.put(f"churn/k{n % 8}", checked_value(n, random.randint(1, 200_000)),
+                        secret=True)
+        if n % 9 == 4:
+            await store.delete(f"churn/k{(n * 5) % 8}")
+        n += 1
+        if n == 10:
+            print("ready", flush=True)
+
+
+_CHILD_MODES: dict[str, Callable[..., Coroutine[Any, Any, None]]] = {
+    "increments": _child_increments, "churn": _child_churn}
+
+
+# -- reads, writes, revisions -----------------------------------------------------------
+
+def test_store_satisfies_the_protocol(store_backend: StoreBackend) -> None:
+    async def body(store: Store) -> None:
+        assert isinstance(store, Store)
+        lease = await store.lock("x", ttl=5)
+        assert isinstance(lease, Lease)
+    run(store_backend, body)
+
+
+def test_put_stamps_the_item_with_the_new_revision(store_backend: StoreBackend) -> None:
+    async def body(store: Store) -> None:
+        assert await store.revision() == 0
+        assert await store.get("domains/a.example") is None
+        rev = await store.put("domains/a.example", b'{"app": "a"}')
+        assert rev == 1 == await store.revision()
+        item = await store.get("domains/a.example")
+        assert item is not None
+        assert (item.key, item.value, item.revision) == ("domains/a.example", b'{"app": "a"}', 1)
+        binary = bytes(range(256)) + b"\n\x00"
+        assert await store.put("certs/*.a.example/custom", binary, secret=True) == 2
+        assert await store.put("empty", b"") == 3
+        assert (await store.get("certs/*.a.example/custom")).value == binary  # type: ignore[union-attr]
+        assert (await store.get("empty")).value == b""  # type: ignore[union-attr]
+    run(store_backend, body)
+
+
+def test_every_write_and_delete_moves_the_revision_up_by_one(
+        store_backend: StoreBackend) -> None:
+    async def body(store: Store) -> None:
+        assert await store.put("a", b"1") == 1
+        assert await store.put("a", b"2") == 2
+        assert await store.delete("a") is True
+        assert await store.revision() == 3
+        assert await store.get("a") is None
+        assert await store.delete("a") is False  # nothing to delete: no write
+        assert await store.revision() == 3
+        assert await store.put("a", b"3") == 4
+    run(store_backend, body)
+
+
+def test_concurrent_writes_from_one_loop_get_distinct_revisions(
+        store_backend: StoreBackend) -> None:
+    async def body(store: Store) -> None:
+        writes = [store.put(f"apps/app{i}", b"x") for i in range(30)]
+        writes += [store.put("status/same", b"%d" % i) for i in range(30)]
+        revisions = await asyncio.gather(*writes)
+        assert sorted(revisions) == list(range(1, 61))
+        same = await store.get("status/same")
+        assert same is not None and same.revision == max(revisions[30:])
+    run(store_backend, body)
+
+
+def test_scan_and_keys_are_sorted_and_match_a_string_prefix(
+        store_backend: StoreBackend) -> None:
+    async def body(store: Store) -> None:
+        for key in ["domains/www.b.example", "domains/a.example", "domains/www.a.example",
+                    "domains", "domainsx/z", "certs/a.example/custom", "certs/a.example/acme",
+                    "certs/a.example.org/acme"]:
+            await store.put(key, key.encode())
+        assert await store.keys("domains/") == [
+            "domains/a.example", "domains/www.a.example", "domains/www.b.example"]
+        assert await store.keys("domains/www") == ["domains/www.a.example",
+                                                   "domains/www.b.example"]
+        assert await store.keys("domains") == [
+            "domains", "domains/a.example", "domains/www.a.example", "domains/www.b.example",
+            "domainsx/z"]
+        assert await store.keys("certs/a.example/") == ["certs/a.example/acme",
+                                                        "certs/a.example/custom"]
+        assert await store.keys("nothing/") == []
+        everything = await store.scan("")
+        assert [i.key for i in everything] == sorted(i.key for i in everything)
+        assert len(everything) == 8
+        assert all(i.value == i.key.encode() for i in everything)
+        items = await store.scan("certs/a.example/")
+        assert [(i.key, i.revision) for i in items] == [("certs/a.example/acme", 7),
+                                                        ("certs/a.example/custom", 6)]
+    run(store_backend, body)
+
+
+@pytest.mark.parametrize("key", ["", "/a", "a/", "a//b", "A", "a/../b", "..", ".", "a b",
+                                 "caf\u00e9", "x" * 251, "a\\b", "a/" * 600 + "a"])
+def test_invalid_keys_are_rejected(store_backend: StoreBackend, key: str) -> None:
+    async def body(store: Store) -> None:
+        with pytest.raises(StoreError, match="invalid store key"):
+            await store.put(key, b"x")
+        with pytest.raises(StoreError):
+            await store.get(key)
+        assert await store.revision() == 0
+    run(store_backend, body)
+
+
+def test_create_if_absent_conflicts_and_writes_nothing(store_backend: StoreBackend) -> None:
+    async def body(store: Store) -> None:
+        assert await store.put("challenges/t1", b"one", expect=0) == 1
+        with pytest.raises(ConflictError, match="already exists"):
+            await store.put("challenges/t1", b"two", expect=0)
+        item = await store.get("challenges/t1")
+        assert item is not None and (item.value, item.revision) == (b"one", 1)
+        assert await store.revision() == 1
+    run(store_backend, body)
+
+
+def test_compare_and_swap_conflicts_on_a_stale_revision_and_writes_nothing(
+        store_backend: StoreBackend) -> None:
+    async def body(store: Store) -> None:
+        first = await store.put("status/a.example", b"creating")
+        second = await store.put("status/a.example", b"issued", expect=first)
+        with pytest.raises(ConflictError, match="expected revision 1"):
+            await store.put("status/a.example", b"error", expect=first)
+        with pytest.raises(ConflictError):
+            await store.put("status/b.example", b"x", expect=5)  # absent
+        item = await store.get("status/a.example")
+        assert item is not None and (item.value, item.revision) == (b"issued", second)
+        assert await store.revision() == second
+        assert await store.get("status/b.example") is None
+    run(store_backend, body)
+
+
+def test_conditional_delete(store_backend: StoreBackend) -> None:
+    async def body(store: Store) -> None:
+        rev = await store.put("a", b"1")
+        with pytest.raises(ConflictError):
+            await store.delete("a", expect=rev + 7)
+        assert await store.get("a") is not None
+        assert await store.delete("a", expect=rev) is True
+        assert await store.revision() == rev + 1
+    run(store_backend, body)
+
+
+# -- watch ------------------------------------------------------------------------------
+
+def test_watch_replays_missed_changes_in_order_then_live_ones(
+        store_backend: StoreBackend) -> None:
+    async def body(store: Store) -> None:
+        await store.put("domains/old.example", b"0")
+        start = await store.revision()
+        for i in range(5):
+            await store.put(f"domains/d{i}.example", b"%d" % i)
+        await store.put("apps/other", b"ignored")  # outside the prefix
+        events = store.watch("domains/", start)
+        missed = await next_events(events, 5)
+        assert [(e.key, e.value, e.revision) for e in missed] == [
+            (f"domains/d{i}.example", b"%d" % i, start + 1 + i) for i in range(5)]
+        pending = asyncio.ensure_future(anext(events))
+        await asyncio.sleep(0.3)
+        written = time.monotonic()
+        rev = await store.put("domains/live.example", b"live")
+        live = await asyncio.wait_for(pending, 2)
+        assert time.monotonic() - written < 1.0
+        assert (live.key, live.value, live.revision) == ("domains/live.example", b"live", rev)
+    run(store_backend, body)
+
+
+def test_watch_sees_deletes(store_backend: StoreBackend) -> None:
+    async def body(store: Store) -> None:
+        await store.put("challenges/t", b"token")
+        events = store.watch("challenges/", await store.revision())
+        rev = await store.delete("challenges/t") and await store.revision()
+        [event] = await next_events(events, 1)
+        assert (event.key, event.value, event.revision) == ("challenges/t", None, rev)
+    run(store_backend, body)
+
+
+def test_watch_ends_in_the_same_state_as_a_fresh_scan(store_backend: StoreBackend) -> None:
+    async def body(store: Store) -> None:
+        rng = random.Random(7)
+        for i in range(20):
+            await store.put(f"k/{i % 7}", b"seed%d" % i)
+        start = await store.revision()
+        initial = {i.key: i.value for i in await store.scan("k/")}
+        seen: list[Event] = []
+
+        async def follow() -> None:
+            async for event in store.watch("k/", start):
+                seen.append(event)
+
+        follower = asyncio.create_task(follow())
+        for i in range(150):
+            key = f"k/{rng.randrange(9)}"
+            if rng.random() < 0.3:
+                await store.delete(key)
+            else:
+                await store.put(key, b"v%d" % i)
+            if rng.random() < 0.1:
+                await asyncio.sleep(0.06)
+        final = await store.revision()
+        deadline = time.monotonic() + 2
+        while (not seen or seen[-1].revision < final) and time.monotonic() < deadline:
+            expected = {i.key: i.value for i in await store.scan("k/")}
+            if state_after(seen, initial) == expected:
+                break
+            await asyncio.sleep(0.05)
+        follower.cancel()
+        assert [e.revision for e in seen] == sorted({e.revision for e in seen})
+        assert state_after(seen, initial) == {i.key: i.value for i in await store.scan("k/")}
+    run(store_backend, body)
+
+
+def test_watch_from_a_compacted_revision_raises_compacted(
+        store_backend: StoreBackend) -> None:
+    async def body(store: Store) -> None:
+        for i in range(40):
+            await store.put(f"k/{i}", b"x")
+        with pytest.raises(Compacted) as raised:
+            await anext(store.watch("k/", 1))
+        assert 2 < raised.value.oldest <= 40
+        recent = await next_events(store.watch("k/", 37), 3)
+        assert [e.revision for e in recent] == [38, 39, 40]
+    run(store_backend, body, history=10)
+
+
+def test_a_watcher_keeping_up_survives_compaction(store_backend: StoreBackend) -> None:
+    async def body(store: Store) -> None:
+        events = store.watch("k/", 0)
+        for i in range(25):
+            rev = await store.put(f"k/{i}", b"%d" % i)
+            [event] = await next_events(events, 1)
+            assert (event.key, event.revision) == (f"k/{i}", rev)
+    run(store_backend, body, history=6)
+
+
+def test_another_client_sees_writes_and_watch_events(store_backend: StoreBackend) -> None:
+    async def body(store: Store) -> None:
+        other = await store_backend.open()
+        try:
+            events = other.watch("domains/", await other.revision())
+            rev = await store.put("domains/a.example", b"a")
+            [event] = await next_events(events, 1)
+            assert (event.key, event.value, event.revision) == ("domains/a.example", b"a", rev)
+            item = await other.get("domains/a.example")
+            assert item is not None and item.revision == rev
+            assert await other.revision() == rev
+            assert await other.put("domains/a.example", b"b", expect=rev) == rev + 1
+            assert (await store.get("domains/a.example")).value == b"b"  # type: ignore[union-attr]
+        finally:
+            await other.close()
+    run(store_backend, body)
+
+
+def test_closed_store_refuses_calls_and_ends_its_watches(store_backend: StoreBackend) -> None:
+    async def main() -> None:
+        store = await store_backend.open()
+        events = store.watch("", 0)
+        pending = asyncio.ensure_future(anext(events))
+        await asyncio.sleep(0.1)
+        await store.close()
+        with pytest.raises(StopAsyncIteration):
+            await asyncio.wait_for(pending, 2)
+        with pytest.raises(StoreError):
+            await store.get("a")
+    asyncio.run(main())
+
+
+def test_processes_doing_compare_and_swap_lose_no_update(
+        store_backend: StoreBackend, tmp_path: Path) -> None:
+    children = [spawn(store_backend, tmp_path, "increments", "200") for _ in range(3)]
+    outputs = [c.communicate(timeout=60)[0] for c in children]
+    assert all(c.returncode == 0 for c in children)
+    revisions = [r for out in outputs for r in json.loads(out)]
+
+    async def body(store: Store) -> None:
+        item = await store.get("counter/value")
+        assert item is not None and int(item.value) == 600
+        assert item.revision == max(revisions)
+    assert len(revisions) == len(set(revisions)) == 600
+    run(store_backend, body)
+
+
+# -- locks ------------------------------------------------------------------------------
+
+def test_lock_excludes_other_clients(store_backend: StoreBackend) -> None:
+    async def body(store: Store) -> None:
+        other = await store_backend.open()
+        inside: list[int] = []
+        overlaps = 0
+
+        async def worker(client: Store, n: int) -> None:
+            nonlocal overlaps
+            for _ in range(4):
+                lease = await client.lock("domain-a.example", ttl=5, wait=5)
+                inside.append(n)
+                overlaps += len(inside) > 1
+                await asyncio.sleep(0.01)
+                inside.remove(n)
+                await lease.release()
+
+        try:
+            await asyncio.gather(*(worker(c, i) for i, c in enumerate([store, other] * 2)))
+        finally:
+            await other.close()
+        assert overlaps == 0
+    run(store_backend, body)
+
+
+def test_lock_wait_runs_out_with_lock_timeout_naming_the_lock(
+        store_backend: StoreBackend) -> None:
+    async def body(store: Store) -> None:
+        other = await store_backend.open()
+        try:
+            await store.lock("domain-a.example", ttl=30)
+            started = time.monotonic()
+            with pytest.raises(LockTimeout, match=r"domain-a\.example is held by .*pid"):
+                await other.lock("domain-a.example", ttl=30, wait=0.3)
+            assert 0.3 <= time.monotonic() - started < 1.5
+            with pytest.raises(LockTimeout):
+                await other.lock("domain-a.example", ttl=30)  # wait=0: one try
+            await other.lock("domain-b.example", ttl=30)  # other names are free
+        finally:
+            await other.close()
+    run(store_backend, body)
+
+
+def test_a_dead_holders_lock_frees_itself_after_ttl(store_backend: StoreBackend) -> None:
+    async def body(store: Store) -> None:
+        await store.lock("domain-a.example", ttl=0.3)  # never refreshed: holder "died"
+        started = time.monotonic()
+        lease = await store.lock("domain-a.example", ttl=5, wait=3)
+        assert 0.2 < time.monotonic() - started < 1.5
+        assert await lease.refresh() is True
+    run(store_backend, body)
+
+
+def test_refresh_keeps_the_lock_past_its_ttl(store_backend: StoreBackend) -> None:
+    async def body(store: Store) -> None:
+        lease = await store.lock("domain-a.example", ttl=0.3)
+        for _ in range(6):
+            await asyncio.sleep(0.1)
+            assert await lease.refresh() is True
+            with pytest.raises(LockTimeout):
+                await store.lock("domain-a.example", ttl=1)
+    run(store_backend, body)
+
+
+def test_a_lost_lease_cannot_refresh_or_release_the_new_holders_lock(
+        store_backend: StoreBackend) -> None:
+    async def body(store: Store) -> None:
+        old = await store.lock("domain-a.example", ttl=0.2)
+        await asyncio.sleep(0.3)
+        new = await store.lock("domain-a.example", ttl=30)
+        assert await old.refresh() is False
+        await old.release()
+        with pytest.raises(LockTimeout):
+            await store.lock("domain-a.example", ttl=30)
+        assert await new.refresh() is True
+        await new.release()
+        await new.release()  # twice is fine
+        await store.lock("domain-a.example", ttl=30)
+    run(store_backend, body)
+
+
+def test_fencing_tokens_strictly_increase(store_backend: StoreBackend) -> None:
+    async def body(store: Store) -> None:
+        other = await store_backend.open()
+        tokens = []
+        try:
+            for i in range(6):
+                client = (store, other)[i % 2]
+                lease = await client.lock("domain-a.example" if i % 3 else "domain-b.example",
+                                          ttl=30, wait=2)
+                await store.put("status/a.example", b"write guarded by the lease")
+                tokens.append(lease.token)
+                await lease.release()
+        finally:
+            await other.close()
+        assert tokens == sorted(set(tokens))
+        assert tokens[0] > 0
+    run(store_backend, body)
+
+
+# -- FileStore specifics ----------------------------------------------------------------
+
+@pytest.fixture
+def zero_umask() -> Iterator[None]:
+    old = os.umask(0)  # files must be 0600 by how they are created, not thanks to umask
+    try:
+        yield
+    finally:
+        os.umask(old)
+
+
+def tree(root: Path) -> list[Path]:
+    return [root, *sorted(root.rglob("*"))]
+
+
+def test_files_are_0600_and_directories_0700(tmp_path: Path, zero_umask: None) -> None:
+    backend = FilesBackend(tmp_path)
+
+    async def body(store: Store) -> None:
+        await store.put("certs/a.example/acme", b"-----BEGIN PRIVATE KEY-----", secret=True)
+        await store.put("acme/account", b"{}", secret=True)
+        await store.lock("domain-a.example", ttl=5)
+        await store.revision()
+        await anext(store.watch("", await store.revision() - 1))
+    run(backend, body, history=2)
+    modes = {p.relative_to(tmp_path).as_posix(): stat.S_IMODE(p.stat().st_mode)
+             for p in tree(backend.path)}
+    assert len(modes) > 8
+    assert {k: m for k, m in modes.items()
+            if m != (0o700 if (tmp_path / k).is_dir() else 0o600)} == {}
+
+
+def test_no_temporary_file_or_empty_directory_is_left_behind(tmp_path: Path) -> None:
+    backend = FilesBackend(tmp_path)
+
+    async def body(store: Store) -> None:
+        for i in range(20):
+            await store.put(f"certs/d{i % 4}.example/acme", b"x" * 3000)
+        for i in range(4):
+            await store.delete(f"certs/d{i}.example/acme")
+        await store.put("domains/a.example", b"x")
+    run(backend, body, history=8)  # compactions too
+    names = [p.name for p in tree(backend.path)]
+    assert not [n for n in names if n.endswith(".tmp")]
+    assert sorted(p.relative_to(backend.path).as_posix() for p in tree(backend.path)[1:]) == [
+        "changes.log", "data", "data/domains.d", "data/domains.d/a.example.rec", "lock"]
+
+
+def test_killed_writers_leave_whole_records_and_a_working_store(tmp_path: Path) -> None:
+    backend = FilesBackend(tmp_path)
+    for _ in range(3):
+        child = spawn(backend, tmp_path, "churn")
+        assert child.stdout is not None and child.stdout.readline() == "ready\n"
+        time.sleep(random.uniform(0.02, 0.2))
+        child.send_signal(signal.SIGKILL)
+        child.wait()
+        child.stdout.close()
+
+    async def body(store: Store) -> None:
+        items = await store.scan("churn/")
+        for item in items:
+            verify_value(item.value)
+        replayed = await drain(store.watch("churn/", 0))
+        assert state_after(replayed) == {i.key: i.value for i in items}
+        rev = await store.revision()
+        assert await store.put("churn/k0", b"after", expect=None) == rev + 1
+    run(backend, body)
+    assert not [p for p in tree(backend.path) if p.name.endswith(".tmp")]
+
+
+def test_a_write_that_died_half_way_changes_nothing(tmp_path: Path) -> None:
+    """Simulates a writer killed after logging its revision but before the rename,
+    and one killed in the middle of appending to the log."""
+    backend = FilesBackend(tmp_path)
+
+    async def body(store: Store) -> None:
+        first = await store.put("domains/a.example", b"old")
+        records = backend.path / "data" / "domains.d"
+        (records / "a.example.tmp").write_bytes(b"tlsedge-record 1 2 3\nne")
+        log = backend.path / "changes.log"
+        log.write_bytes(log.read_bytes() + b"2 put domains/a.example\n3 put domains/b.ex")
+        events = store.watch("domains/", first)
+        assert await store.revision() == 2
+        item = await store.get("domains/a.example")
+        assert item is not None and (item.value, item.revision) == (b"old", first)
+        assert await store.put("domains/c.example", b"c") == 3
+        [event] = await next_events(events, 1)  # nothing for the dead write at 2
+        assert (event.key, event.revision) == ("domains/c.example", 3)
+        assert not (records / "a.example.tmp").exists()
+        assert (backend.path / "changes.log").read_bytes().endswith(b"3 put domains/c.example\n")
+    run(backend, body)
+
+
+def test_a_damaged_record_is_reported_not_returned(tmp_path: Path) -> None:
+    backend = FilesBackend(tmp_path)
+
+    async def body(store: Store) -> None:
+        await store.put("domains/a.example", b"x" * 100)
+        path = backend.path / "data" / "domains.d" / "a.example.rec"
+        path.write_bytes(path.read_bytes()[:50])
+        with pytest.raises(StoreError, match="damaged"):
+            await store.get("domains/a.example")
+    run(backend, body)
