@@ -84,6 +84,8 @@ def derive_view(domain: rec.DomainRecord, custom: rec.CertRecord | None,
         # An issued ACME certificate is "In use" unless a valid custom one wins;
         # a renewal in flight or a failed renewal does not change that.
         label = "not_used" if custom_serving else "in_use"
+    elif acme is not None and now < acme.not_before and state != "error":
+        label = "creating"  # issued, valid in a moment (the CA's clock is ahead)
     elif state == "issued":
         label = "pending_dns"  # issued once, now expired: the lifecycle starts over
     else:
@@ -199,11 +201,24 @@ class Registry:
         return await self.view(name)
 
     async def set_status(self, name: str, **changes: Any) -> rec.StatusRecord:
-        """Merge `changes` into the domain's status record (the lifecycle's writes)."""
-        current = await self.status(name) or rec.StatusRecord(domain=name, state="pending_dns")
-        updated = msgspec.structs.replace(current, updated_at=self.clock(), **changes)
-        await self.store.put(rec.status_key(name), rec.encode(updated))
-        return updated
+        """Merge `changes` into the domain's status record (the lifecycle's writes).
+
+        Read-merge-write with compare-and-swap, so two lifecycles (processes or
+        nodes) writing the same status never lose each other's fields.
+        """
+        key = rec.status_key(name)
+        for _ in range(8):
+            item = await self.store.get(key)
+            current = (rec.decode(item.value, rec.StatusRecord) if item is not None
+                       else rec.StatusRecord(domain=name, state="pending_dns"))
+            updated = msgspec.structs.replace(current, updated_at=self.clock(), **changes)
+            try:
+                await self.store.put(key, rec.encode(updated),
+                                     expect=item.revision if item is not None else 0)
+            except ConflictError:
+                continue
+            return updated
+        raise RegistryError(f"status of {name} keeps changing under us; try again")
 
     async def store_acme_certificate(self, name: str, bundle: CertBundle) -> None:
         record = rec.CertRecord.from_bundle(name, "acme", bundle, self.clock())

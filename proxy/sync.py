@@ -115,7 +115,7 @@ class StoreState:
             elif key.startswith(rec.APPS):
                 _put(self.apps, key[len(rec.APPS):], value, rec.AppRecord)
             elif key.startswith(rec.CHALLENGES):
-                token = key[len(rec.CHALLENGES):]
+                token = rec.parse_challenge_key(key)
                 if value is None:
                     self.challenges.pop(token, None)
                 else:
@@ -236,7 +236,11 @@ class StoreFollower:
                 log.warning("store watch failed (%s); serving the last snapshot, "
                             "retrying in %.1fs", exc, delay)
                 await asyncio.sleep(delay)
-                delay = min(delay * 2, 10.0)
+                # Capped low: retrying a watch is one cheap call, and a node should catch
+                # up within seconds of the store coming back.
+                delay = min(delay * 2, 2.0)
+                metrics.STORE_RECONNECTS.inc()
+                log.info("store watch resuming from revision %d", self.state.revision)
 
     def _apply(self, event: Event) -> None:
         self.state.revision = max(self.state.revision, event.revision)

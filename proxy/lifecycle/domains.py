@@ -113,7 +113,9 @@ class Lifecycle:
         acme = await self.registry.certificate(name, "acme")
         if status is not None and status.retry_at > now:
             return False  # backing off after a failure
-        if acme is not None and acme.not_before <= now < acme.not_after:
+        if acme is not None and now < acme.not_after:
+            # Valid, or valid in a moment (a CA clock slightly ahead of ours): either
+            # way we hold it, and only its renewal time says when to order again.
             renew = status.renew_at if status is not None and status.renew_at else \
                 renewal.renew_at(acme.not_before, acme.not_after)
             return now >= renew
@@ -157,8 +159,11 @@ class Lifecycle:
         try:
             account = await self._ensure_account()
             issued = await self.acme.order(account, name, StoreChallenges(self.store))
+            # No time check: the CA just issued it, and a CA clock a second ahead of
+            # ours makes not_before "in the future"; rejecting it would waste the order.
+            # The data plane serves it from not_before on (serving_certificate).
             bundle = load_bundle(issued.chain_pem, issued.key_pem, domain=name,
-                                 now=self.clock())
+                                 check_time=False)
         except (IssuanceError, BundleError) as exc:
             metrics.ACME_ORDERS.labels("failed").inc()
             await self._failed(name, exc, renewing)
@@ -171,6 +176,11 @@ class Lifecycle:
             # Fencing: our lease expired while we worked and someone else may hold
             # the lock now; their result wins, ours is dropped.
             log.warning("lost the lock for %s during the order; discarding the result", name)
+            return
+        if await self.registry.domain(name) is None:
+            # `domains remove` ran while the CA answered: storing now would leave a
+            # certificate (and its key) behind for a domain nobody has.
+            log.info("%s was removed during its order; discarding the certificate", name)
             return
         ari = None
         with contextlib.suppress(IssuanceError):
@@ -186,7 +196,11 @@ class Lifecycle:
         status = await self.registry.status(name)
         failures = (status.failures if status is not None else 0) + 1
         retry_after = exc.retry_after if isinstance(exc, IssuanceError) else None
-        delay = renewal.retry_delay(failures, retry_after)
+        # A problem the CA says will not go away by itself (CAA forbids us, the name
+        # is rejected) is retried at the slowest step straight away.
+        permanent = isinstance(exc, IssuanceError) and exc.permanent
+        delay = renewal.retry_delay(len(renewal.BACKOFF) if permanent else failures,
+                                    retry_after)
         message = str(exc)
         log.warning("certificate order for %s failed (%d in a row), retrying in %.0fs: %s",
                     name, failures, delay, message)
@@ -200,7 +214,14 @@ class Lifecycle:
     async def _note(self, name: str, **changes: object) -> None:
         if await self.registry.domain(name) is None:
             return  # removed meanwhile: leave no status behind
-        await self.registry.set_status(name, **changes)
+        before = await self.registry.status(name)
+        after = await self.registry.set_status(name, **changes)
+        if before is None or before.state != after.state:
+            # One line per transition: operators (and the e2e tests) follow a domain
+            # through Pending DNS -> Creating -> issued in the log.
+            log.info("status of %s: %s -> %s (%s)", name,
+                     before.state if before is not None else "none", after.state,
+                     after.last_error or after.message)
 
     async def _keep(self, lease: Lease) -> None:
         """Refresh the domain lock while the order runs (a dead holder stops doing so)."""

@@ -117,7 +117,14 @@ def status_key(name: str) -> str:
 
 
 def challenge_key(token: str) -> str:
-    return CHALLENGES + token
+    # ACME tokens are base64url (upper case, '_', '-') but store keys are DNS-safe,
+    # lower-case segments: hex keeps every token a valid, reversible key segment.
+    return CHALLENGES + token.encode().hex()
+
+
+def parse_challenge_key(key: str) -> str:
+    """`challenges/<hex>` -> the token; ValueError for a key challenge_key never makes."""
+    return bytes.fromhex(key[len(CHALLENGES):]).decode("ascii")
 
 
 def lock_name(domain: str) -> str:

@@ -31,7 +31,7 @@ class Edge:
     """One tlsedge node under test."""
 
     def __init__(self, workdir: Path, config: dict[str, Any], *, start: bool = True,
-                 env: dict[str, str] | None = None) -> None:
+                 env: dict[str, str] | None = None, admin: bool = False) -> None:
         self.workdir = workdir
         self.https_port = free_port()
         self.http_port = free_port()
@@ -39,6 +39,10 @@ class Edge:
         listen = {"https": f"127.0.0.1:{self.https_port}",
                   "http": f"127.0.0.1:{self.http_port}",
                   "metrics": f"127.0.0.1:{self.metrics_port}"}
+        # admin=True also serves the admin API and dashboard on its own loopback port.
+        self.admin_port = free_port() if admin else None
+        if self.admin_port is not None:
+            listen["admin"] = f"127.0.0.1:{self.admin_port}"
         self.config: dict[str, Any] = {"listen": listen, **config}
         self.config_path = workdir / "tlsedge.yaml"
         self.log_path = workdir / "tlsedge.log"
@@ -60,6 +64,8 @@ class Edge:
         if "PROMETHEUS_MULTIPROC_DIR" not in self.env:
             env.pop("PROMETHEUS_MULTIPROC_DIR", None)
         self._log = self.log_path.open("ab")
+        # The log is appended to across restarts: only this run's lines say it is up.
+        offset = len(self.log())
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "proxy.cli", "run", "-c", str(self.config_path)],
             stdout=self._log, stderr=subprocess.STDOUT, env=env, cwd=self.workdir,
@@ -68,10 +74,15 @@ class Edge:
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
                 raise RuntimeError(f"tlsedge exited with {self.proc.returncode}:\n{self.log()}")
-            if "serving https on" in self.log():
+            if "serving https on" in self.log()[offset:] and self._admin_answers(offset):
                 return
             time.sleep(0.05)
         raise RuntimeError(f"tlsedge did not start in {timeout}s:\n{self.log()}")
+
+    def _admin_answers(self, offset: int) -> bool:
+        if self.admin_port is None:
+            return True
+        return "admin API and dashboard on" in self.log()[offset:]
 
     def log(self) -> str:
         try:
@@ -234,16 +245,16 @@ def read_response(sock: socket.socket | BinaryIO, *, head_only: bool = False
     if head_only or status in (204, 304) or 100 <= status < 200:
         return status, headers, b""
     if headers.get("transfer-encoding", "").lower() == "chunked":
-        body = b""
+        parts = []
         while True:
             size = int(f.readline().split(b";")[0], 16)
             if size == 0:
                 while f.readline() not in (b"\r\n", b"\n", b""):
                     pass
                 break
-            body += f.read(size)
+            parts.append(f.read(size))
             f.readline()
-        return status, headers, body
+        return status, headers, b"".join(parts)
     if "content-length" in headers:
         return status, headers, f.read(int(headers["content-length"]))
     return status, headers, f.read()
