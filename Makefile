@@ -10,7 +10,10 @@ lint:
 	.venv/bin/ruff check proxy tests benchmarks && .venv/bin/mypy && .venv/bin/lint-imports
 
 bench:           ## benchmarks side by side with nginx, HAProxy and Caddy (minutes)
-	bash scripts/setup.sh test && .venv/bin/python benchmarks/table_scale.py --count 100000
+	bash scripts/setup.sh test && .venv/bin/python benchmarks/compare.py
+
+bench-smoke:     ## the same harness in a quick run: 1 round, 2 s, small certificate sets
+	bash scripts/setup.sh test && .venv/bin/python benchmarks/compare.py --quick
 
 clean:
 	rm -rf .venv tlsedge-demo build *.egg-info

@@ -1,0 +1,165 @@
+"""Load generators and what they report: wrk (keep-alive, large bodies), h2load with
+the no-resumption shim (one full handshake per request) and the SNI client.
+
+Every run targets 127.0.0.1, is bounded by a request count or a duration, and has a
+subprocess timeout. Results are plain dataclasses; parsing failures raise with the
+tool's output so a broken run never turns into a number.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import subprocess
+from dataclasses import dataclass
+from pathlib import Path
+
+import cbuild
+from peers import HOST
+
+# wrk's done() hook prints one JSON line: no parsing of its human-readable table.
+_WRK_LUA = """
+done = function(summary, latency, requests)
+  local e = summary.errors
+  io.write(string.format(
+    "WRKJSON {\\"requests\\": %d, \\"bytes\\": %d, \\"duration_us\\": %d, " ..
+    "\\"connect\\": %d, \\"read\\": %d, \\"write\\": %d, \\"status\\": %d, " ..
+    "\\"timeout\\": %d, \\"p50_us\\": %d, \\"p99_us\\": %d, \\"max_us\\": %d}\\n",
+    summary.requests, summary.bytes, summary.duration, e.connect, e.read, e.write,
+    e.status, e.timeout, latency:percentile(50), latency:percentile(99), latency.max))
+end
+"""
+
+
+class LoadError(RuntimeError):
+    pass
+
+
+@dataclass(frozen=True)
+class WrkResult:
+    requests: int
+    seconds: float
+    bytes: int
+    p50_ms: float
+    p99_ms: float
+    max_ms: float
+    socket_errors: int  # connect + read + write + timeout
+    non_2xx: int        # wrk's "Non-2xx or 3xx responses"
+
+    @property
+    def rps(self) -> float:
+        return self.requests / self.seconds
+
+    @property
+    def mb_per_s(self) -> float:
+        return self.bytes / self.seconds / 1e6
+
+
+def wrk(port: int, workdir: Path, *, path: str = "/", threads: int = 2, connections: int = 64,
+        seconds: float = 10.0) -> WrkResult:
+    script = workdir / "wrk-report.lua"
+    script.write_text(_WRK_LUA)
+    cmd = ["wrk", f"-t{threads}", f"-c{connections}", f"-d{max(1, round(seconds))}s",
+           "--latency", "-s", str(script), "-H", f"Host: {HOST}",
+           f"https://127.0.0.1:{port}{path}"]
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=seconds + 60)
+    m = re.search(r"^WRKJSON (\{.*\})$", done.stdout, re.M)
+    if done.returncode != 0 or not m:
+        raise LoadError(f"wrk failed ({done.returncode}):\n{done.stdout}\n{done.stderr}")
+    d = json.loads(m.group(1))
+    return WrkResult(requests=d["requests"], seconds=d["duration_us"] / 1e6, bytes=d["bytes"],
+                     p50_ms=d["p50_us"] / 1000, p99_ms=d["p99_us"] / 1000,
+                     max_ms=d["max_us"] / 1000,
+                     socket_errors=d["connect"] + d["read"] + d["write"] + d["timeout"],
+                     non_2xx=d["status"])
+
+
+@dataclass(frozen=True)
+class HandshakeResult:
+    requests: int
+    succeeded: int
+    failed: int
+    seconds: float
+    protocol: str        # what the client negotiated (h2load's "TLS Protocol")
+    cipher: str
+    client_full: int     # handshakes the shim saw finish without resumption
+    client_resumed: int  # ... and with it (must be 0)
+
+    @property
+    def per_s(self) -> float:
+        return self.succeeded / self.seconds
+
+
+def h2load_full_handshakes(port: int, workdir: Path, *, requests: int, clients: int = 32,
+                           threads: int = 2, max_tls: str = "1.3",
+                           resumption: bool = False) -> HandshakeResult:
+    """`requests` requests, each on a new connection with a full handshake.
+
+    `Connection: close` makes every request a connection; the LD_PRELOAD shim stops
+    h2load from offering a saved session and counts what really happened. h2load's
+    -D mode hangs with closing connections, so this runs a request count (-n).
+    `resumption=True` keeps the shim's counting but lets h2load resume, to show the
+    check would catch it.
+    """
+    stats = workdir / "noresume.stats"
+    stats.unlink(missing_ok=True)
+    env = {"LD_PRELOAD": str(cbuild.noresume_shim()), "NORESUME_STATS": str(stats),
+           "NORESUME_MAX_TLS": max_tls}
+    if resumption:
+        env["NORESUME_ALLOW"] = "1"
+    cmd = ["h2load", "--h1", "-n", str(requests), "-c", str(clients), "-t", str(threads),
+           "-H", "Connection: close", "-H", f":authority: {HOST}", f"https://127.0.0.1:{port}/"]
+    done = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, **env},
+                          timeout=requests / 50 + 60)
+    out = done.stdout
+    m = re.search(r"finished in ([\d.]+)(m?s)", out)
+    r = re.search(r"requests: (\d+) total, \d+ started, \d+ done, (\d+) succeeded, "
+                  r"(\d+) failed", out)
+    if done.returncode != 0 or not m or not r:
+        raise LoadError(f"h2load failed ({done.returncode}):\n{out}\n{done.stderr}")
+    seconds = float(m.group(1)) / (1000 if m.group(2) == "ms" else 1)
+    proto = re.search(r"TLS Protocol: (\S+)", out)
+    cipher = re.search(r"Cipher: (\S+)", out)
+    full = resumed = 0
+    if stats.exists():
+        for line in stats.read_text().splitlines():
+            f = line.split()
+            full, resumed = full + int(f[1]), resumed + int(f[3])
+    else:
+        raise LoadError("the no-resumption shim wrote no statistics: was it loaded?")
+    return HandshakeResult(requests=int(r.group(1)), succeeded=int(r.group(2)),
+                           failed=int(r.group(3)), seconds=seconds,
+                           protocol=proto.group(1) if proto else "?",
+                           cipher=cipher.group(1) if cipher else "?",
+                           client_full=full, client_resumed=resumed)
+
+
+@dataclass(frozen=True)
+class SniResult:
+    connections: int
+    ok: int
+    failed: int
+    resumed: int
+    seconds: float
+
+    @property
+    def per_s(self) -> float:
+        return self.ok / self.seconds
+
+
+def sni_client(port: int, names: list[str], workdir: Path, *, procs: int = 8,
+               max_tls: str = "1.3", host: str | None = None) -> SniResult:
+    """One full handshake + GET per entry of `names` (SNI = that name; Host = the name,
+    or `host`)."""
+    path = workdir / "sni-names.txt"
+    path.write_text("\n".join(names) + "\n")
+    cmd = [str(cbuild.sni_client()), str(port), str(path), str(procs), max_tls,
+           *([host] if host else [])]
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=len(names) / 20 + 60)
+    m = re.search(r"connections (\d+) ok (\d+) failed (\d+) resumed (\d+) seconds ([\d.]+)",
+                  done.stdout)
+    if done.returncode != 0 or not m:
+        raise LoadError(f"sniclient failed ({done.returncode}):\n{done.stdout}\n{done.stderr}")
+    c, ok, failed, resumed = (int(m.group(i)) for i in range(1, 5))
+    return SniResult(c, ok, failed, resumed, float(m.group(5)))

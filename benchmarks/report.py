@@ -1,0 +1,148 @@
+"""Medians over rounds, ratios to nginx, the issue's targets, one table, one JSON file.
+
+Pure formatting: never starts a process. Raw per-round numbers go into the JSON too,
+so a later reader can recompute anything.
+"""
+
+from __future__ import annotations
+
+import json
+import statistics
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from peers import PROXIES
+
+Raw = dict[str, dict[str, dict[str, list[dict[str, float]]]]]  # scenario/variant/proxy/rounds
+Medians = dict[str, dict[str, dict[str, dict[str, float]]]]
+
+
+def medians(raw: Raw) -> Medians:
+    out: Medians = {}
+    for scenario, variants in raw.items():
+        for variant, proxies in variants.items():
+            for proxy, rounds in proxies.items():
+                keys = {k for r in rounds for k in r}
+                out.setdefault(scenario, {}).setdefault(variant, {})[proxy] = {
+                    k: statistics.median(r[k] for r in rounds if k in r) for k in sorted(keys)}
+    return out
+
+
+@dataclass(frozen=True)
+class Row:
+    label: str
+    scenario: str
+    variant: str
+    metric: str
+    fmt: str = "{:,.0f}"
+    # Target on tlsedge: (">=" or "<=", factor, reference) where reference is a proxy
+    # name (same metric), "abs" (factor is the bound), or "scenario/variant/proxy/metric".
+    targets: tuple[tuple[str, float, str], ...] = ()
+
+
+HANDSHAKE_VARIANTS = ("ecdsa-tls1.3", "ecdsa-tls1.2", "rsa-tls1.3", "rsa-tls1.2")
+
+ROWS: tuple[Row, ...] = (
+    Row("keep-alive requests/s", "keepalive", "", "rps",
+        targets=((">=", 0.85, "nginx"), (">=", 1.5, "caddy"))),
+    Row("keep-alive CPU us/request", "keepalive", "", "cpu_us_per_req", "{:,.1f}",
+        (("<=", 1.3, "nginx"),)),
+    Row("keep-alive p50 ms", "keepalive", "", "p50_ms", "{:,.2f}"),
+    Row("keep-alive p99 ms", "keepalive", "", "p99_ms", "{:,.2f}", (("<=", 1.5, "nginx"),)),
+    Row("keep-alive peak RSS MiB (all procs)", "keepalive", "", "peak_rss_mib", "{:,.1f}"),
+    *(r for v in HANDSHAKE_VARIANTS for r in (
+        Row(f"full handshakes/s {v}", "handshakes", v, "hs_per_s",
+            targets=((">=", 0.95, "nginx"), (">=", 1.5, "caddy"))),
+        Row(f"CPU us/handshake {v}", "handshakes", v, "cpu_us_per_hs", "{:,.0f}"))),
+    Row("1 MiB responses MB/s", "large", "", "mb_per_s", targets=((">=", 0.8, "nginx"),)),
+    Row("1 MiB CPU ms/MB", "large", "", "cpu_ms_per_mb", "{:,.2f}"),
+    Row("many names: 1-cert table, warm hs/s", "many_names", "1cert", "warm_hs_per_s"),
+    Row("many names: big table, cold hs/s", "many_names", "table", "cold_hs_per_s"),
+    Row("many names: big table, warm hs/s", "many_names", "table", "warm_hs_per_s",
+        targets=((">=", 0.95, "many_names/1cert/tlsedge/warm_hs_per_s"),)),
+    Row("many names: context builds in warm pass", "many_names", "table",
+        "warm_context_builds"),
+    Row("start-up: first handshake s (big store)", "many_names", "table",
+        "first_handshake_s", "{:,.2f}", (("<=", 2.0, "abs"),)),
+    Row("start-up: worker RSS MiB at ready", "many_names", "table",
+        "worker_rss_mib_at_start", "{:,.1f}", (("<=", 400.0, "abs"),)),
+    Row("many names: worker peak RSS MiB", "many_names", "table", "worker_peak_rss_mib",
+        "{:,.1f}", (("<=", 400.0, "abs"),)),
+    Row("hot swap: p99 ms before", "hot_swap", "", "p99_before_ms", "{:,.2f}"),
+    Row("hot swap: p99 ms during store swap", "hot_swap", "", "p99_store_ms", "{:,.2f}"),
+    Row("hot swap: p99 ms during SIGHUP swap", "hot_swap", "", "p99_sighup_ms", "{:,.2f}"),
+    Row("hot swap: failed requests (store)", "hot_swap", "", "failed_store",
+        targets=(("<=", 0.0, "abs"),)),
+    Row("hot swap: failed requests (SIGHUP)", "hot_swap", "", "failed_sighup",
+        targets=(("<=", 0.0, "abs"),)),
+)
+
+
+def _value(med: Medians, path: str) -> float | None:
+    scenario, variant, proxy, metric = path.split("/")
+    return med.get(scenario, {}).get(variant, {}).get(proxy, {}).get(metric)
+
+
+def _check(row: Row, med: Medians, mine: float) -> list[dict[str, Any]]:
+    out = []
+    for op, factor, ref in row.targets:
+        op = op.strip()
+        if ref == "abs":
+            base, what = 1.0, f"{op} {factor:g}"
+        else:
+            path = ref if "/" in ref else f"{row.scenario}/{row.variant}/{ref}/{row.metric}"
+            got = _value(med, path)
+            if not got:
+                continue
+            base, what = got, f"{op} {factor:g}x {ref.split('/')[1] if '/' in ref else ref}"
+        ratio = mine / base
+        ok = ratio >= factor if op == ">=" else ratio <= factor + 1e-9
+        out.append({"target": what, "measured": ratio, "pass": ok, "abs": ref == "abs"})
+    return out
+
+
+def table(med: Medians) -> tuple[str, list[dict[str, Any]]]:
+    """The one table (text) and the target verdicts."""
+    head = ["metric", *PROXIES, *(f"{p}/nginx" for p in PROXIES if p != "nginx"),
+            "target (tlsedge)", "measured", "result"]
+    lines: list[list[str]] = [head]
+    verdicts = []
+    for row in ROWS:
+        values = med.get(row.scenario, {}).get(row.variant, {})
+        if not values:
+            continue
+        cells = [row.label]
+        for p in PROXIES:
+            v = values.get(p, {}).get(row.metric)
+            cells.append(row.fmt.format(v) if v is not None else "-")
+        nginx = values.get("nginx", {}).get(row.metric)
+        for p in PROXIES:
+            if p == "nginx":
+                continue
+            v = values.get(p, {}).get(row.metric)
+            cells.append(f"{v / nginx:.2f}" if v is not None and nginx else "-")
+        mine = values.get("tlsedge", {}).get(row.metric)
+        checks = _check(row, med, mine) if mine is not None else []
+        for i, c in enumerate(checks):
+            verdicts.append({"row": row.label, **c})
+            measured = row.fmt.format(c["measured"]) if c["abs"] else f"{c['measured']:.2f}x"
+            tail = [c["target"], measured, "PASS" if c["pass"] else "MISS"]
+            lines.append((cells if i == 0 else [""] * len(cells)) + tail)
+        if not checks:
+            lines.append([*cells, "", "", ""])
+    widths = [max(len(line[i]) for line in lines) for i in range(len(head))]
+    text = "\n".join("  ".join(c.ljust(w) if i == 0 else c.rjust(w)
+                               for i, (c, w) in enumerate(zip(line, widths, strict=True)))
+                     for line in lines)
+    return text, verdicts
+
+
+def write_json(directory: Path, payload: dict[str, Any]) -> Path:
+    directory.mkdir(parents=True, exist_ok=True)
+    path = directory / f"{time.strftime('%Y%m%d-%H%M%S')}.json"
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(payload, indent=2, sort_keys=True) + "\n")
+    tmp.replace(path)
+    return path
