@@ -10,6 +10,7 @@ from __future__ import annotations
 import ipaddress
 import os
 import re
+import socket
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any, Literal
@@ -46,11 +47,28 @@ class Tls(_Strict, frozen=True):
     # TLS 1.3 session tickets sent after a full handshake (OpenSSL's default is 2).
     session_tickets: int = 2
     handshake_timeout: float = 10.0
+    # 421 Misdirected Request when a request's Host is not covered by the certificate
+    # the connection's SNI chose.
+    reject_misdirected: bool = True
 
 
 class Store(_Strict, frozen=True):
-    backend: Literal["files"] = "files"
-    path: str = "./tlsedge-data"
+    backend: Literal["files", "etcd"] = "files"
+    path: str = "./tlsedge-data"  # files
+    # etcd: "host:port" (or http(s)://host:port); several endpoints must be IPv4 addresses.
+    endpoints: tuple[str, ...] = ()
+    prefix: str = "/tlsedge/"
+    ca: str | None = None
+    cert: str | None = None
+    key: str | None = None
+    username: str | None = None
+    password_file: str | None = None
+    timeout: float = 5.0
+
+
+class Node(_Strict, frozen=True):
+    # This node's name in the cluster (`cluster status`, lock holders); default: hostname.
+    name: str = ""
 
 
 class AppConfig(_Strict, frozen=True):
@@ -70,6 +88,16 @@ class Limits(_Strict, frozen=True):
     upstream_read_timeout: float = 60.0
     max_connections: int = 10_000
     drain_timeout: float = 30.0
+    # Longest pause between two pieces of a request body (a slow upload is cut with 408).
+    request_body_timeout: float = 60.0
+    # Per backend and worker: connections open at once, and requests that may wait for
+    # one beyond that (then 503).
+    backend_max_connections: int = 100
+    backend_queue: int = 50
+    # A backend that refused a connection or timed out is skipped for this long.
+    backend_quarantine: float = 10.0
+    # Idle keep-alive connections to backends are closed after this long.
+    upstream_idle_timeout: float = 30.0
 
 
 class AcmeDns(_Strict, frozen=True):
@@ -87,6 +115,26 @@ class Acme(_Strict, frozen=True):
     dns: AcmeDns = AcmeDns()
     # Orders placed at once by this node's lifecycle.
     concurrency: int = 4
+    # A domain's lock (store lease) lasts this long without a refresh: how long the
+    # cluster waits before another node takes over the order of a node that died.
+    lock_ttl: float = 30.0
+
+
+class AccessLog(_Strict, frozen=True):
+    enabled: bool = False
+    # One JSON line per request; stderr when no path is given.
+    path: str | None = None
+
+
+class Admin(_Strict, frozen=True):
+    """The admin API and dashboard; served only when `listen.admin` is set."""
+
+    # The bearer token; created (0600) with a random token on first start if absent.
+    token_file: str = "admin-token"  # noqa: S105 (a path, not a secret)
+    # Serve the admin listener over TLS with this certificate (session cookies are
+    # then marked Secure). Without it, keep listen.admin on loopback.
+    certificate: CertFiles | None = None
+    session_ttl: float = 8 * 3600.0
 
 
 class Config(_Strict, frozen=True):
@@ -99,7 +147,10 @@ class Config(_Strict, frozen=True):
     domains: dict[str, str] = {}
     limits: Limits = Limits()
     trusted_proxies: tuple[str, ...] = ()
+    access_log: AccessLog = AccessLog()
     acme: Acme | None = None
+    admin: Admin = Admin()
+    node: Node = Node()
     log_level: Literal["debug", "info", "warning", "error"] = "info"
     # Filled in by load(): where the file was, so relative paths resolve against it.
     source: str = ""
@@ -245,15 +296,56 @@ def _resolve(config: Config, file: Path) -> Config:
         if app not in apps:
             raise ConfigError(f"{label}: domains.{domain}: unknown app {app!r}")
         domains[name] = app
-    store = config.store
-    store = msgspec.structs.replace(store, path=str((base / store.path).resolve()))
+    store = _resolve_store(config.store, label, base, ok_file)
+    node = config.node
+    if not node.name:
+        node = Node(name=socket.gethostname())
+    elif not re.fullmatch(r"[a-z0-9]([a-z0-9.-]{0,61}[a-z0-9])?", node.name):
+        raise ConfigError(f"{label}: node.name: use lower-case letters, digits, '.' and '-'")
     acme = config.acme
     if acme is not None:
         acme = _resolve_acme(acme, label, ok_file, norm)
+    admin = config.admin
+    if admin.session_ttl <= 0:
+        raise ConfigError(f"{label}: admin.session_ttl: must be positive")
+    admin = msgspec.structs.replace(
+        admin, token_file=str((base / admin.token_file).resolve()),
+        certificate=(cert_files(admin.certificate, "admin.certificate")
+                     if admin.certificate is not None else None))
     return msgspec.structs.replace(
         config, platform_domain=platform, tls=tls, apps=apps, domains=domains, store=store,
-        acme=acme, source=str(file.resolve()),
+        acme=acme, admin=admin, node=node, source=str(file.resolve()),
     )
+
+
+def _resolve_store(store: Store, label: str, base: Path,
+                   ok_file: Callable[[str, str], str]) -> Store:
+    store = msgspec.structs.replace(store, path=str((base / store.path).resolve()))
+    if store.backend != "etcd":
+        return store
+    if not store.endpoints:
+        raise ConfigError(f"{label}: store.endpoints: the etcd backend needs at least one "
+                          "endpoint (host:port)")
+    for i, endpoint in enumerate(store.endpoints):
+        host, _ = parse_address(endpoint.split("://", 1)[-1].rstrip("/"),
+                                where=f"{label}: store.endpoints[{i}]")
+        if len(store.endpoints) > 1:
+            try:
+                ipaddress.IPv4Address(host)
+            except ValueError:
+                raise ConfigError(f"{label}: store.endpoints[{i}]: with several endpoints, "
+                                  "give IPv4 addresses (one endpoint may be a name)") from None
+    if not store.prefix.startswith("/") or not store.prefix.endswith("/"):
+        raise ConfigError(f"{label}: store.prefix: must start and end with '/'")
+    if (store.cert is None) != (store.key is None):
+        raise ConfigError(f"{label}: store: give cert and key together (client TLS)")
+    if (store.username is None) != (store.password_file is None):
+        raise ConfigError(f"{label}: store: give username and password_file together")
+    if store.timeout <= 0:
+        raise ConfigError(f"{label}: store.timeout: must be positive")
+    files = {k: ok_file(v, f"store.{k}") for k in ("ca", "cert", "key", "password_file")
+             if (v := getattr(store, k)) is not None}
+    return msgspec.structs.replace(store, **files)
 
 
 def _resolve_acme(acme: Acme, label: str, ok_file: Callable[[str, str], str],
@@ -277,6 +369,8 @@ def _resolve_acme(acme: Acme, label: str, ok_file: Callable[[str, str], str],
                           "tlsedge can tell when a domain points at this platform")
     if acme.dns.check_interval <= 0 or acme.concurrency < 1:
         raise ConfigError(f"{label}: acme: check_interval and concurrency must be positive")
+    if acme.lock_ttl < 2:
+        raise ConfigError(f"{label}: acme.lock_ttl: must be at least 2 (seconds)")
     dns = msgspec.structs.replace(acme.dns, cname_targets=targets)
     return msgspec.structs.replace(acme, ca_bundle=bundle, dns=dns)
 

@@ -60,7 +60,9 @@ class WorkerNode:
                          routes=composed.routes, limits=config.limits, https_port=https_port,
                          handshake_timeout=config.tls.handshake_timeout,
                          challenges=composed.challenges,
-                         trusted_proxies=config.trusted_proxies)
+                         trusted_proxies=config.trusted_proxies,
+                         reject_misdirected=config.tls.reject_misdirected,
+                         access_log=config.access_log)
         self.live.challenge_fallback = self._challenge_from_store
         self._arm(composed.next_change)
 
@@ -106,6 +108,7 @@ class WorkerNode:
             self.live.tls_context = self._base(selector)
         self.static = static
         self.live.limits = static.config.limits
+        self.live.reject_misdirected = static.config.tls.reject_misdirected
         self.recompose()
         metrics.RELOAD_LAST_SUCCESS.set(time.time())
         log.info("reloaded: %d certificate names, %d apps, %d domains",

@@ -16,6 +16,7 @@ import time
 from typing import cast
 
 from proxy import metrics
+from proxy.dataplane.accesslog import AccessLog
 from proxy.dataplane.http80 import PlainHttpSession
 from proxy.dataplane.https import HttpSession
 from proxy.dataplane.state import Live
@@ -50,7 +51,8 @@ class TlsAccept(asyncio.Protocol):
         peer = transport.get_extra_info("peername")
         session = HttpSession(worker.live, worker.pool, scheme="https",
                               port=worker.live.https_port,
-                              peer=peer[0] if peer else "", on_lost=worker.session_closed)
+                              peer=peer[0] if peer else "", on_lost=worker.session_closed,
+                              access_log=worker.access_log)
         self.session = session
         loop = worker.loop
         self._task = loop.create_task(
@@ -96,6 +98,7 @@ class TlsAccept(asyncio.Protocol):
             worker.open_connections -= 1
             if isinstance(exc, (asyncio.TimeoutError, TimeoutError)):
                 result = "timeout"
+                metrics.LIMITS_HIT.labels("handshake_timeout").inc()
             elif isinstance(exc, ssl.SSLError) and "UNRECOGNIZED_NAME" in str(exc).upper():
                 result = "rejected"
             else:
@@ -133,7 +136,15 @@ class Worker:
     def __init__(self, live: Live, https_sock: socket.socket, http_sock: socket.socket) -> None:
         self.live = live
         self.loop = asyncio.get_running_loop()
-        self.pool = UpstreamPool(connect_timeout=live.limits.upstream_connect_timeout)
+        limits = live.limits
+        self.pool = UpstreamPool(connect_timeout=limits.upstream_connect_timeout,
+                                 idle_timeout=limits.upstream_idle_timeout,
+                                 max_connections=limits.backend_max_connections,
+                                 queue=limits.backend_queue,
+                                 quarantine_for=limits.backend_quarantine)
+        settings = live.access_log
+        self.access_log = (AccessLog(settings.path) if settings is not None and settings.enabled
+                           else None)
         self.sessions: set[HttpSession] = set()
         self.open_connections = 0
         self.draining = False
@@ -167,3 +178,5 @@ class Worker:
         for session in list(self.sessions):
             session.abort()
         self.pool.close()
+        if self.access_log is not None:
+            self.access_log.close()

@@ -12,19 +12,22 @@ import ssl
 from collections.abc import Awaitable, Callable, Mapping
 
 from proxy.certs.table import CertSelector
-from proxy.config import Limits
+from proxy.config import AccessLog, Limits
 from proxy.routing import RouteTable
 
 
 class Live:
-    __slots__ = ("challenge_fallback", "challenges", "handshake_timeout", "https_port",
-                 "limits", "routes", "selector", "tls_context", "trusted_proxies")
+    __slots__ = ("access_log", "challenge_fallback", "challenges", "handshake_timeout",
+                 "https_port", "limits", "reject_misdirected", "routes", "selector",
+                 "tls_context", "trusted_proxies")
 
     def __init__(self, *, selector: CertSelector, tls_context: ssl.SSLContext,
                  routes: RouteTable, limits: Limits, https_port: int,
                  handshake_timeout: float = 10.0,
                  challenges: Mapping[str, str] | None = None,
-                 trusted_proxies: tuple[str, ...] = ()) -> None:
+                 trusted_proxies: tuple[str, ...] = (),
+                 reject_misdirected: bool = True,
+                 access_log: AccessLog | None = None) -> None:
         self.selector = selector
         # The context every handshake starts with; its sni_callback picks the
         # certificate's own context from `selector`.
@@ -37,5 +40,9 @@ class Live:
         # Asked on a challenge miss: a token written a moment ago may not have
         # reached this worker's snapshot yet (the composition root wires the store).
         self.challenge_fallback: Callable[[str], Awaitable[str | None]] | None = None
+        # 421 when Host is outside the certificate the SNI chose (tls.reject_misdirected).
+        self.reject_misdirected = reject_misdirected
+        # Read once when the worker starts its listeners.
+        self.access_log = access_log
         self.trusted_proxies = tuple(ipaddress.ip_network(p, strict=False)
                                      for p in trusted_proxies)

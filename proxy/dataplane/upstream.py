@@ -1,29 +1,36 @@
-"""Backend connections: a keep-alive pool per backend and the response parser.
+"""Backend connections: a bounded keep-alive pool per backend and the response parser.
 
 Owns the sockets to the apps' backends. A connection goes back to the pool only when
 its response was read to the end and both sides allow keep-alive; a connection whose
-response was cut short is closed, never reused. Runs on the worker's loop only.
+response was cut short is closed, never reused. Per backend and worker: at most
+`max_connections` open at once, at most `queue` requests waiting beyond that, and a
+backend that refused or timed out a connection is quarantined for a while. A
+response head that breaks the rules in `checks` fails the exchange (502), never
+reaches the client. Runs on the worker's loop only; knows nothing of the client side
+except the ResponseSink interface.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
-from collections.abc import Callable
+from collections import deque
 from typing import Protocol, cast
 
 import httptools
 
+from proxy import metrics
+from proxy.dataplane import checks
 from proxy.routing import Backend
 
 # Bytes the client side may queue in our write buffer before we stop reading the
 # backend (and the other way round): bounds memory per connection.
 WRITE_HIGH = 256 * 1024
-IDLE_PER_BACKEND = 64
 
 
 class ResponseSink(Protocol):
-    """What receives a backend's response; the client session implements it."""
+    """What receives a backend's response; the client-side exchange implements it."""
 
     def response_head(self, status: int, reason: bytes, version: str,
                       headers: list[tuple[bytes, bytes]], keep_alive: bool,
@@ -35,9 +42,17 @@ class ResponseSink(Protocol):
 
     def response_failed(self, exc: BaseException | None, got_head: bool) -> None: ...
 
-    def upstream_pause(self) -> None: ...
+    def tunnel_data(self, data: bytes) -> None: ...
 
-    def upstream_resume(self) -> None: ...
+    def upstream_write_paused(self, paused: bool) -> None: ...
+
+
+class BadResponse(Exception):
+    """The backend's response broke HTTP/1.1 rules; the client gets 502."""
+
+
+class PoolFull(Exception):
+    """The backend's connection limit and wait queue are both full (503)."""
 
 
 class _StopParsing(Exception):
@@ -48,19 +63,25 @@ class UpstreamConnection(asyncio.Protocol):
     """One TCP connection to a backend, reused for sequential exchanges."""
 
     __slots__ = ("_close_delimited", "_got_head", "_head_only", "_headers", "_paused",
-                 "_reason", "_writable", "backend", "idle_since", "parser", "sink",
-                 "transport")
+                 "_reason", "_underscore", "_wants_upgrade", "_writable", "backend",
+                 "idle_since", "last_read", "parser", "pool", "sink", "transport",
+                 "tunnel")
 
-    def __init__(self, backend: Backend) -> None:
+    def __init__(self, backend: Backend, pool: UpstreamPool) -> None:
         self.backend = backend
+        self.pool = pool
         self.transport: asyncio.Transport | None = None
         self.sink: ResponseSink | None = None
         self.parser: httptools.HttpResponseParser | None = None
         self.idle_since = 0.0
+        self.last_read = 0.0
+        self.tunnel = False
         self._headers: list[tuple[bytes, bytes]] = []
         self._reason = b""
         self._got_head = False
         self._head_only = False
+        self._wants_upgrade = False
+        self._underscore = False
         self._close_delimited = False
         self._paused = False
         self._writable: asyncio.Future[None] | None = None
@@ -68,18 +89,25 @@ class UpstreamConnection(asyncio.Protocol):
     # -- asyncio.Protocol ---------------------------------------------------------
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = cast(asyncio.Transport, transport)
+        self.transport.set_write_buffer_limits(high=WRITE_HIGH)
 
     def connection_lost(self, exc: BaseException | None) -> None:
+        self.pool.lost(self)
         sink, self.sink = self.sink, None
         self._wake_writer(exc or ConnectionResetError("backend closed the connection"))
         if sink is None:
             return
-        if self._got_head and self._close_delimited and exc is None:
+        if self.tunnel or (self._got_head and self._close_delimited and exc is None):
             sink.response_done(False)
         else:
             sink.response_failed(exc, self._got_head)
 
     def data_received(self, data: bytes) -> None:
+        self.last_read = time.monotonic()
+        if self.tunnel:
+            if self.sink is not None:
+                self.sink.tunnel_data(data)
+            return
         parser = self.parser
         if parser is None or self.sink is None:
             # Bytes with no request outstanding: the backend is broken; never reuse.
@@ -89,23 +117,34 @@ class UpstreamConnection(asyncio.Protocol):
         try:
             parser.feed_data(data)
         except httptools.HttpParserCallbackError as exc:
-            if not isinstance(exc.__context__, _StopParsing):
-                self._fail(exc)
-        except httptools.HttpParserUpgrade:
-            # The response switched protocols; the session takes the raw stream over.
-            pass
+            cause = exc.__context__
+            if not isinstance(cause, _StopParsing):
+                self._fail(cause if isinstance(cause, BadResponse) else exc)
+        except httptools.HttpParserUpgrade as exc:
+            # 101 to an upgrade we asked for: from here on the bytes are the new
+            # protocol's, relayed untouched.
+            rest = data[exc.args[0]:] if exc.args else b""
+            if self.tunnel and rest and self.sink is not None:
+                self.sink.tunnel_data(rest)
         except httptools.HttpParserError as exc:
             self._fail(exc)
 
+    def eof_received(self) -> bool | None:
+        return None  # close our side too; connection_lost reports the end
+
     def pause_writing(self) -> None:
         self._paused = True
+        if self.tunnel and self.sink is not None:
+            self.sink.upstream_write_paused(True)
 
     def resume_writing(self) -> None:
         self._paused = False
         self._wake_writer(None)
+        if self.tunnel and self.sink is not None:
+            self.sink.upstream_write_paused(False)
 
-    # -- used by the session ------------------------------------------------------
-    def start(self, sink: ResponseSink, *, head_only: bool) -> None:
+    # -- used by the exchange -----------------------------------------------------
+    def start(self, sink: ResponseSink, *, head_only: bool, upgrade: bool = False) -> None:
         """Begin one exchange: the next response on this connection goes to `sink`."""
         self.sink = sink
         self.parser = httptools.HttpResponseParser(self)
@@ -113,7 +152,10 @@ class UpstreamConnection(asyncio.Protocol):
         self._reason = b""
         self._got_head = False
         self._head_only = head_only
+        self._wants_upgrade = upgrade
+        self._underscore = False
         self._close_delimited = False
+        self.last_read = time.monotonic()
 
     def write(self, data: bytes) -> None:
         assert self.transport is not None
@@ -126,6 +168,12 @@ class UpstreamConnection(asyncio.Protocol):
         if self._writable is None:
             self._writable = asyncio.get_running_loop().create_future()
         await self._writable
+
+    def detach(self) -> None:
+        """The exchange gave up on this connection: forget it and close it."""
+        self.sink = None
+        if self.transport is not None:
+            self.transport.abort()
 
     def _wake_writer(self, exc: BaseException | None) -> None:
         waiter, self._writable = self._writable, None
@@ -151,28 +199,42 @@ class UpstreamConnection(asyncio.Protocol):
         self._reason += status
 
     def on_header(self, name: bytes, value: bytes) -> None:
+        if self._got_head:
+            return  # trailers: dropped (we re-chunk and never announce any)
+        if b"_" in name:
+            self._underscore = True
         self._headers.append((name, value))
 
     def on_headers_complete(self) -> None:
         parser, sink = self.parser, self.sink
         assert parser is not None and sink is not None
         status = parser.get_status_code()
+        version = parser.get_http_version()
         headers, self._headers = self._headers, []
         reason, self._reason = self._reason, b""
+        te = None
+        for name, value in headers:
+            if len(name) == 17 and name.lower() == b"transfer-encoding":
+                te = value
+        why = checks.response_head(version, status, reason, te, self._underscore)
+        if why is not None:
+            raise BadResponse(why)
         if 100 <= status < 200 and status != 101:
-            sink.response_head(status, reason, parser.get_http_version(), headers, True,
-                               "none")
+            sink.response_head(status, reason, version, headers, True, "none")
             return
+        if status == 101:
+            if not self._wants_upgrade:
+                raise BadResponse("101 to a request that asked for no upgrade")
+            self.tunnel = True
         self._got_head = True
-        framing = _framing(status, headers, self._head_only)
+        framing = _framing(status, te, headers, self._head_only)
         self._close_delimited = framing == "close"
-        sink.response_head(status, reason, parser.get_http_version(), headers,
-                           parser.should_keep_alive(), framing)
-        if self._head_only:
+        sink.response_head(status, reason, version, headers, parser.should_keep_alive(),
+                           framing)
+        if self._head_only and not self.tunnel:
             # A response to HEAD has no body whatever its headers say; httptools
             # cannot be told the request method and would wait for Content-Length
-            # bytes that never come, so stop the parser here. (`framing` is already
-            # "none" for HEAD, so it cannot be the test.)
+            # bytes that never come, so stop the parser here.
             self._finish(parser.should_keep_alive())
             raise _StopParsing
 
@@ -182,8 +244,8 @@ class UpstreamConnection(asyncio.Protocol):
 
     def on_message_complete(self) -> None:
         parser = self.parser
-        if parser is None or not self._got_head:
-            return  # end of a 1xx interim response
+        if parser is None or not self._got_head or self.tunnel:
+            return  # end of a 1xx interim response, or the 101 of a tunnel
         self._finish(parser.should_keep_alive() and not self._close_delimited)
 
     def _finish(self, keep_alive: bool) -> None:
@@ -193,65 +255,153 @@ class UpstreamConnection(asyncio.Protocol):
             sink.response_done(keep_alive and self.usable)
 
 
-def _framing(status: int, headers: list[tuple[bytes, bytes]], head_only: bool) -> str:
+def _framing(status: int, te: bytes | None, headers: list[tuple[bytes, bytes]],
+             head_only: bool) -> str:
     """How the response body is delimited: none, length, chunked or close."""
     if head_only or status in (204, 304) or 100 <= status < 200:
         return "none"
-    chunked = False
-    length = False
-    for name, value in headers:
-        lname = name.lower()
-        if lname == b"transfer-encoding":
-            chunked = value.strip().lower().endswith(b"chunked")
-        elif lname == b"content-length":
-            length = True
-    if chunked:
-        return "chunked"
-    return "length" if length else "close"
+    if te is not None:
+        return "chunked"  # checks.response_head allowed nothing else
+    for name, _ in headers:
+        if len(name) == 14 and name.lower() == b"content-length":
+            return "length"
+    return "close"
+
+
+class _BackendState:
+    """Per backend: idle connections, how many are open, who waits, quarantine."""
+
+    __slots__ = ("idle", "open", "quarantined_until", "waiters")
+
+    def __init__(self) -> None:
+        self.idle: list[UpstreamConnection] = []
+        self.open = 0
+        self.waiters: deque[asyncio.Future[None]] = deque()
+        self.quarantined_until = 0.0
 
 
 class UpstreamPool:
-    """Idle keep-alive connections per backend, opened on demand with a timeout."""
+    """Keep-alive connections per backend, opened on demand, bounded, with a queue.
 
-    __slots__ = ("_idle", "_loop", "connect_timeout", "idle_timeout")
+    Contract: every connection `acquire` returns is either given back with `release`
+    (its response was read to the end) or closed by its user; closing is noticed in
+    `lost`, which frees its slot. Loop-bound; not thread-safe.
+    """
 
-    def __init__(self, *, connect_timeout: float, idle_timeout: float = 30.0) -> None:
+    __slots__ = ("_backends", "_loop", "connect_timeout", "idle_timeout",
+                 "max_connections", "quarantine_for", "queue")
+
+    def __init__(self, *, connect_timeout: float, idle_timeout: float = 30.0,
+                 max_connections: int = 100, queue: int = 50,
+                 quarantine_for: float = 10.0) -> None:
         self._loop = asyncio.get_running_loop()
-        self._idle: dict[Backend, list[UpstreamConnection]] = {}
+        self._backends: dict[Backend, _BackendState] = {}
         self.connect_timeout = connect_timeout
         self.idle_timeout = idle_timeout
+        self.max_connections = max_connections
+        self.queue = queue
+        self.quarantine_for = quarantine_for
+        self._loop.call_later(idle_timeout, self._sweep)
+
+    def _sweep(self) -> None:
+        """Close keep-alive connections idle for longer than `idle_timeout`."""
+        cutoff = time.monotonic() - self.idle_timeout
+        for state in self._backends.values():
+            for conn in [c for c in state.idle if c.idle_since < cutoff]:
+                if conn.transport is not None:
+                    conn.transport.close()
+        self._loop.call_later(self.idle_timeout / 2, self._sweep)
+
+    def _state(self, backend: Backend) -> _BackendState:
+        state = self._backends.get(backend)
+        if state is None:
+            state = self._backends[backend] = _BackendState()
+        return state
+
+    def quarantined(self, backend: Backend) -> bool:
+        state = self._backends.get(backend)
+        return state is not None and state.quarantined_until > time.monotonic()
+
+    def quarantine(self, backend: Backend) -> None:
+        self._state(backend).quarantined_until = time.monotonic() + self.quarantine_for
+        metrics.LIMITS_HIT.labels("backend_quarantine").inc()
 
     async def acquire(self, backend: Backend) -> tuple[UpstreamConnection, bool]:
-        """A connection to `backend` and whether it was reused from the pool."""
-        idle = self._idle.get(backend)
-        now = time.monotonic()
-        while idle:
-            conn = idle.pop()
-            if conn.usable and now - conn.idle_since < self.idle_timeout:
-                return conn, True
-            if conn.transport is not None:
-                conn.transport.close()
-        factory: Callable[[], UpstreamConnection] = lambda: UpstreamConnection(backend)  # noqa: E731
-        _, proto = await asyncio.wait_for(
-            self._loop.create_connection(factory, backend.host, backend.port),
-            self.connect_timeout)
+        """A connection to `backend` and whether it was reused from the pool.
+
+        Raises PoolFull (queue full), TimeoutError or OSError (connect failed).
+        """
+        state = self._state(backend)
+        while True:
+            idle = state.idle
+            now = time.monotonic()
+            while idle:
+                conn = idle.pop()
+                if conn.usable and now - conn.idle_since < self.idle_timeout:
+                    return conn, True
+                if conn.transport is not None:
+                    conn.transport.close()  # `lost` will free its slot
+            if state.open < self.max_connections:
+                break
+            if len(state.waiters) >= self.queue:
+                metrics.LIMITS_HIT.labels("backend_queue").inc()
+                raise PoolFull
+            waiter = self._loop.create_future()
+            state.waiters.append(waiter)
+            try:
+                await waiter
+            except asyncio.CancelledError:
+                if waiter.done() and not waiter.cancelled():
+                    self._wake(state)  # our turn came as we left: pass it on
+                else:
+                    with_removed(state.waiters, waiter)
+                raise
+        state.open += 1
+        try:
+            _, proto = await asyncio.wait_for(
+                self._loop.create_connection(lambda: UpstreamConnection(backend, self),
+                                             backend.host, backend.port),
+                self.connect_timeout)
+        except BaseException:
+            state.open -= 1
+            self._wake(state)
+            raise
         return proto, False
 
     def release(self, conn: UpstreamConnection) -> None:
         """Give back a connection whose last response was read to the end."""
         if not conn.usable:
             return
-        idle = self._idle.setdefault(conn.backend, [])
-        if len(idle) >= IDLE_PER_BACKEND:
-            assert conn.transport is not None
-            conn.transport.close()
-            return
+        state = self._state(conn.backend)
         conn.idle_since = time.monotonic()
-        idle.append(conn)
+        state.idle.append(conn)
+        self._wake(state)
+
+    def lost(self, conn: UpstreamConnection) -> None:
+        """A connection closed (called from its connection_lost)."""
+        state = self._backends.get(conn.backend)
+        if state is None:
+            return
+        state.open -= 1
+        if conn in state.idle:
+            state.idle.remove(conn)
+        self._wake(state)
+
+    def _wake(self, state: _BackendState) -> None:
+        while state.waiters:
+            waiter = state.waiters.popleft()
+            if not waiter.done():
+                waiter.set_result(None)
+                return
 
     def close(self) -> None:
-        for conns in self._idle.values():
-            for conn in conns:
+        for state in self._backends.values():
+            for conn in state.idle:
                 if conn.transport is not None:
                     conn.transport.close()
-        self._idle.clear()
+            state.idle.clear()
+
+
+def with_removed(items: deque[asyncio.Future[None]], item: asyncio.Future[None]) -> None:
+    with contextlib.suppress(ValueError):
+        items.remove(item)

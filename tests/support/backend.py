@@ -3,16 +3,22 @@
 Answers with JSON describing the request (method, path, headers, body length and
 sha256, which backend answered), echoes bodies on /echo, gives any status on
 /status/<code>, a chunked body on /chunked and answers late on /slow[?seconds].
+Also: /bytes/<n> and /bytes-chunked/<n> (n deterministic bytes, fixed-length or
+chunked), /sse?<n> (n server-sent events, 100 ms apart, close-delimited) and a
+WebSocket echo on /ws (RFC 6455 framing).
 Keep-alive capable (HTTP/1.1); runs in a thread. Each request records the client
 port it came on, so tests can count the TCP connections the edge opened.
 """
 
 from __future__ import annotations
 
+import base64
 import hashlib
 import json
+import struct
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
@@ -35,8 +41,46 @@ class Seen:
         return {k.lower() for k, _ in self.headers}
 
 
+def pattern(n: int) -> bytes:
+    """n deterministic, non-repeating-looking bytes (for byte-exact relay checks)."""
+    block = hashlib.sha256(str(n).encode()).digest() * 2048  # 64 KiB
+    return (block * (n // len(block) + 1))[:n]
+
+
+def ws_frame(payload: bytes, opcode: int = 1, mask: bytes | None = None) -> bytes:
+    """One final RFC 6455 frame; masked when `mask` (4 bytes) is given (client side)."""
+    n = len(payload)
+    head = bytes([0x80 | opcode])
+    bit = 0x80 if mask else 0
+    if n < 126:
+        head += bytes([bit | n])
+    elif n < 65536:
+        head += bytes([bit | 126]) + struct.pack("!H", n)
+    else:
+        head += bytes([bit | 127]) + struct.pack("!Q", n)
+    if mask:
+        payload = bytes(b ^ mask[i % 4] for i, b in enumerate(payload))
+        head += mask
+    return head + payload
+
+
+def ws_read(read: Callable[[int], bytes]) -> tuple[int, bytes]:
+    """(opcode, payload) of one frame read with `read(n)` (exactly n bytes)."""
+    b0, b1 = read(2)
+    n = b1 & 0x7F
+    if n == 126:
+        n = struct.unpack("!H", read(2))[0]
+    elif n == 127:
+        n = struct.unpack("!Q", read(8))[0]
+    mask = read(4) if b1 & 0x80 else b""
+    data = read(n)
+    if mask:
+        data = bytes(b ^ mask[i % 4] for i, b in enumerate(data))
+    return b0 & 0x0F, data
+
+
 class Backend:
-    def __init__(self, name: str = "b1") -> None:
+    def __init__(self, name: str = "b1", port: int = 0) -> None:
         self.name = name
         self.seen: list[Seen] = []
         self.chunks = [b"first chunk\n", b"x" * 70_000, b"", b"last chunk\n"]
@@ -49,20 +93,54 @@ class Backend:
             def _handle(self) -> None:
                 length = self.headers.get("Content-Length")
                 if self.headers.get("Transfer-Encoding", "").lower() == "chunked":
-                    body = b""
+                    parts = []
                     while True:
                         size = int(self.rfile.readline().split(b";")[0], 16)
                         if size == 0:
                             self.rfile.readline()
                             break
-                        body += self.rfile.read(size)
+                        parts.append(self.rfile.read(size))
                         self.rfile.readline()
+                    body = b"".join(parts)
                 else:
                     body = self.rfile.read(int(length)) if length else b""
                 with backend._lock:
                     backend.seen.append(Seen(self.command, self.path,
                                              list(self.headers.items()), body,
                                              self.client_address[1]))
+                if self.path.startswith("/ws") and self.headers.get("Upgrade", "").lower() \
+                        == "websocket":
+                    self._websocket()
+                    return
+                if self.path.startswith("/sse"):
+                    _, _, n = self.path.partition("?")
+                    self.send_response(200)
+                    self.send_header("Content-Type", "text/event-stream")
+                    self.send_header("Connection", "close")
+                    self.end_headers()
+                    for i in range(int(n or "5")):
+                        self.wfile.write(f"data: event {i}\n\n".encode())
+                        self.wfile.flush()
+                        time.sleep(0.1)
+                    self.close_connection = True
+                    return
+                if self.path.startswith("/bytes"):
+                    n = int(self.path.rsplit("/", 1)[1])
+                    out = pattern(n)
+                    self.send_response(200)
+                    self.send_header("Content-Type", "application/octet-stream")
+                    if self.path.startswith("/bytes-chunked/"):
+                        self.send_header("Transfer-Encoding", "chunked")
+                        self.end_headers()
+                        for i in range(0, n, 100_000):
+                            piece = out[i:i + 100_000]
+                            self.wfile.write(b"%x\r\n%s\r\n" % (len(piece), piece))
+                        self.wfile.write(b"0\r\n\r\n")
+                    else:
+                        self.send_header("Content-Length", str(n))
+                        self.end_headers()
+                        self.wfile.write(out)
+                    return
                 if self.path.startswith("/slow"):
                     _, _, seconds = self.path.partition("?")
                     time.sleep(float(seconds or "1"))
@@ -105,12 +183,34 @@ class Backend:
                 if self.command != "HEAD":
                     self.wfile.write(out)
 
+            def _websocket(self) -> None:
+                key = self.headers["Sec-WebSocket-Key"]
+                accept = base64.b64encode(hashlib.sha1(
+                    (key + "258EAFA5-E914-47DA-95CA-C5AB0DC85B11").encode()).digest())
+                self.send_response(101)
+                self.send_header("Upgrade", "websocket")
+                self.send_header("Connection", "Upgrade")
+                self.send_header("Sec-WebSocket-Accept", accept.decode())
+                self.end_headers()
+                self.wfile.flush()
+                self.close_connection = True
+                while True:
+                    try:
+                        opcode, data = ws_read(self.rfile.read)
+                    except (ValueError, OSError):
+                        return
+                    if opcode == 8:
+                        self.wfile.write(ws_frame(data, 8))
+                        return
+                    self.wfile.write(ws_frame(data, opcode))
+                    self.wfile.flush()
+
             do_GET = do_POST = do_PUT = do_DELETE = do_HEAD = do_PATCH = _handle
 
             def log_message(self, format: str, *args: object) -> None:
                 pass
 
-        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.server = ThreadingHTTPServer(("127.0.0.1", port), Handler)
         self.server.daemon_threads = True
         self.port = self.server.server_address[1]
         self.address = f"127.0.0.1:{self.port}"

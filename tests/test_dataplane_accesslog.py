@@ -1,0 +1,42 @@
+"""The access log on the real `tlsedge run`: one JSON line per request, batched."""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+import pytest
+
+from tests.certgen import CA
+from tests.conftest import PLATFORM
+from tests.support.backend import Backend
+from tests.support.edge import Edge
+
+APP = f"my-app.{PLATFORM}"
+# Live(...) in proxy/worker.py must pass access_log=config.access_log (owned elsewhere).
+WIRED = "access_log=" in (Path(__file__).parents[1] / "proxy" / "worker.py").read_text()
+
+
+@pytest.mark.skipif(not WIRED, reason="proxy/worker.py does not pass access_log to Live yet")
+def test_each_request_gets_one_json_line_without_the_query(ca: CA, backend: Backend,
+                                                           tmp_path: Path) -> None:
+    pcert, pkey = ca.issue([f"*.{PLATFORM}"]).write(tmp_path, "platform")
+    log_path = tmp_path / "access.log"
+    config = {
+        "platform_domain": PLATFORM, "workers": 1,
+        "tls": {"platform_certificate": {"cert": pcert, "key": pkey}},
+        "store": {"path": "store"},
+        "apps": {"my-app": {"backends": [backend.address]}},
+        "access_log": {"enabled": True, "path": str(log_path)},
+        "limits": {"drain_timeout": 2},
+    }
+    with Edge(tmp_path, config) as edge:
+        assert edge.request(APP, "/a?secret=1")[0] == 200
+        assert edge.request("nobody.test", "/b", server_name=None)[0] == 404
+        time.sleep(0.3)  # one flush interval
+        lines = [json.loads(x) for x in log_path.read_text().splitlines()]
+    assert [(x["app"], x["status"], x["path"]) for x in lines] == [
+        ("my-app", 200, "/a"), ("", 404, "/b")]
+    assert lines[0]["tls"].startswith("TLSv1.") and len(lines[0]["request_id"]) == 32
+    assert lines[0]["bytes_out"] > 0 and lines[0]["duration_ms"] > 0
