@@ -17,6 +17,7 @@ import socket
 import sys
 import time
 from collections.abc import AsyncIterator, Callable
+from typing import TYPE_CHECKING
 
 from proxy import config as config_mod
 from proxy import metrics
@@ -24,10 +25,13 @@ from proxy.certs.table import CertEntry
 from proxy.config import Config, parse_address
 from proxy.errors import TlsEdgeError
 from proxy.registry import Registry, derive_view
-from proxy.store import open_store
+from proxy.store import check_store, open_store
 from proxy.store import records as rec
 from proxy.store.base import Store
 from proxy.sync import StoreFollower, compose, load_state, load_static
+
+if TYPE_CHECKING:
+    from proxy.admin.server import AdminServer
 
 log = logging.getLogger("tlsedge")
 
@@ -99,6 +103,13 @@ class Supervisor:
         self.expiry: list[tuple[str, str, float]] = self.snapshot.expiry()
         self.domain_counts: dict[tuple[str, str], int] = {}
         self._recompose: Callable[[], None] | None = None
+        # Bound now, so a busy port or a bad token file stops the start before any
+        # worker runs; served from _node_tasks (it needs the store).
+        self.admin: AdminServer | None = None
+        if config.listen.admin is not None:
+            from proxy.admin import server as admin_server
+
+            self.admin = admin_server.AdminServer(config)
 
     def start_metrics(self) -> None:
         address = self.snapshot.config.listen.metrics
@@ -165,8 +176,11 @@ class Supervisor:
 
             multiprocess.mark_process_dead(pid)  # type: ignore[no-untyped-call]
 
-    def reload(self) -> None:
-        """Validate the new config and certificates; only then tell the workers."""
+    def reload(self) -> str | None:
+        """Validate the new config and certificates; only then tell the workers.
+
+        Returns why the reload was refused, or None when it was applied.
+        """
         sd_notify("RELOADING=1")
         try:
             snapshot = load_static(self.config_path)
@@ -174,7 +188,7 @@ class Supervisor:
             metrics.RELOADS.labels("failed").inc()
             log.error("reload refused, still serving the previous config: %s", exc)
             sd_notify("READY=1")
-            return
+            return str(exc)
         old = self.snapshot.config
         new = snapshot.config
         if (new.listen, new.workers) != (old.listen, old.workers):
@@ -189,6 +203,7 @@ class Supervisor:
         metrics.RELOAD_LAST_SUCCESS.set(time.time())
         log.info("reload accepted; workers are swapping their tables")
         sd_notify("READY=1")
+        return None
 
     async def run(self) -> int:
         loop = asyncio.get_running_loop()
@@ -208,6 +223,14 @@ class Supervisor:
         loop.add_signal_handler(signal.SIGTERM, on_term)
         loop.add_signal_handler(signal.SIGINT, on_term)
         loop.add_signal_handler(signal.SIGHUP, self.reload)
+        # Fail in one clear line when the store (etcd) cannot be reached, before any
+        # worker tries and dies with a less telling message.
+        self.store = open_store(self.snapshot.config)
+        try:
+            await check_store(self.store)
+        except TlsEdgeError:
+            await self.store.close()
+            raise
         try:
             await asyncio.gather(*(self._spawn(i) for i in range(self.count)))
         except TlsEdgeError:
@@ -237,7 +260,7 @@ class Supervisor:
     async def _node_tasks(self, stop: asyncio.Event) -> list[asyncio.Task[None]]:
         """Follow the store (for metrics) and run this node's certificate lifecycle."""
         config = self.snapshot.config
-        store = self.store = open_store(config)
+        store = self.store = self.store or open_store(config)
         state = await load_state(store)
         entries: dict[str, CertEntry] = {}
 
@@ -259,9 +282,23 @@ class Supervisor:
         changed()
         state_follower = StoreFollower(store, state, changed)
         tasks = [asyncio.create_task(state_follower.run(), name="supervisor-store")]
+        if config.store.backend == "etcd":
+            from proxy import cluster
+
+            tasks.append(asyncio.create_task(
+                cluster.announce(store, config.node.name, lambda: state.revision, stop),
+                name="node-record"))
         if config.acme is not None:
             tasks.append(asyncio.create_task(self._lifecycle(store, config, stop),
                                              name="lifecycle"))
+        if self.admin is not None:
+            def registry() -> Registry:  # per request: apps follow config reloads
+                current = self.snapshot.config
+                return Registry(store, platform_domain=current.platform_domain,
+                                apps=current.apps.keys())
+
+            tasks.append(asyncio.create_task(self.admin.serve(registry, self.reload),
+                                             name="admin"))
         return tasks
 
     async def _lifecycle(self, store: Store, config: Config, stop: asyncio.Event) -> None:
@@ -279,7 +316,8 @@ class Supervisor:
         registry = Registry(store, platform_domain=config.platform_domain,
                             apps=config.apps.keys())
         lifecycle = Lifecycle(store, registry, client, dns, LifecycleSettings(
-            check_interval=acme.dns.check_interval, concurrency=acme.concurrency))
+            check_interval=acme.dns.check_interval, concurrency=acme.concurrency,
+            lock_ttl=acme.lock_ttl))
         try:
             await lifecycle.run(stop)
         finally:

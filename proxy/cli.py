@@ -48,6 +48,10 @@ def _parser() -> argparse.ArgumentParser:
     from proxy import domains_cli
 
     domains_cli.add_parsers(sub)
+    cluster = sub.add_parser("cluster", help="the cluster seen through the store")
+    cluster.add_argument("action", choices=["status"],
+                         help="status: nodes, applied revisions, locks, etcd health")
+    cluster.add_argument("-c", "--config", required=True)
     worker = sub.add_parser("worker")  # internal: started by `run`
     worker.add_argument("-c", "--config", required=True)
     worker.add_argument("--https-fd", type=int, required=True)
@@ -91,6 +95,14 @@ def _dispatch(args: argparse.Namespace) -> int:
             from proxy import domains_cli
 
             return domains_cli.run(args)
+        if args.command == "cluster":
+            import asyncio
+
+            from proxy import cluster
+            from proxy import config as config_mod
+
+            asyncio.run(cluster.print_status(config_mod.load(args.config)))
+            return EXIT_OK
         if args.command == "worker":
             from proxy import app, worker
 

@@ -3,6 +3,12 @@
 Adding a backend is one entry in BACKENDS: a class that opens stores sharing one
 namespace (`open()` again = another process's view). The FileStore-only checks (file
 modes, temporary files, damaged files) are at the end.
+
+Backends differ where base.py says they may: `dense` backends move the revision up by
+exactly one per write (files), others only promise that it increases (etcd counts every
+write of its cluster); `short_ttl` is the shortest lock TTL the backend honours (etcd
+leases last at least 2 s). The etcd backend runs against one real etcd for the session,
+each test in a namespace (key prefix) of its own.
 """
 
 from __future__ import annotations
@@ -25,13 +31,17 @@ import pytest
 
 from proxy.errors import ConflictError, LockTimeout, StoreError
 from proxy.store.base import Compacted, Event, Lease, Store
+from proxy.store.etcd import EtcdSettings, EtcdStore
 from proxy.store.files import FileStore
+from tests.support.etcd import EtcdServer
 
 REPO = Path(__file__).resolve().parents[1]
 
 
 class StoreBackend(Protocol):
     name: str
+    dense: bool
+    short_ttl: float
 
     def __init__(self, where: Path) -> None: ...
 
@@ -42,6 +52,8 @@ class StoreBackend(Protocol):
 
 class FilesBackend:
     name = "files"
+    dense = True
+    short_ttl = 0.3
 
     def __init__(self, where: Path) -> None:
         self.path = where / "store"
@@ -51,12 +63,71 @@ class FilesBackend:
                                     keep_changes=history or 100_000)
 
 
-BACKENDS: dict[str, type[StoreBackend]] = {"files": FilesBackend}
+_ETCD_ENV = "TLSEDGE_TEST_ETCD"  # the session's etcd endpoint, for child processes too
+
+
+class CompactingEtcdStore(EtcdStore):
+    """Keeps about `history` revisions, as etcd's auto-compaction would (much later)."""
+
+    def __init__(self, settings: EtcdSettings, history: int) -> None:
+        super().__init__(settings)
+        self.history = history
+
+    async def put(self, key: str, value: bytes, *, expect: int | None = None,
+                  secret: bool = False) -> int:
+        revision = await super().put(key, value, expect=expect, secret=secret)
+        if revision > self.history:
+            from aetcd import rpc
+
+            await self._kv().Compact(rpc.CompactionRequest(revision=revision - self.history))
+        return revision
+
+
+class EtcdBackend:
+    name = "etcd"
+    dense = False
+    short_ttl = 2.0
+
+    def __init__(self, where: Path) -> None:
+        endpoint = os.environ.get(_ETCD_ENV)
+        assert endpoint, "the etcd_server fixture sets " + _ETCD_ENV
+        namespace = hashlib.sha256(str(where).encode()).hexdigest()[:12]
+        self.settings = EtcdSettings(endpoints=(endpoint,), prefix=f"/test-{namespace}/")
+
+    async def open(self, *, history: int | None = None) -> Store:
+        if history is not None:
+            return CompactingEtcdStore(self.settings, history)
+        return EtcdStore(self.settings)
+
+
+BACKENDS: dict[str, type[StoreBackend]] = {"files": FilesBackend, "etcd": EtcdBackend}
+
+
+@pytest.fixture(scope="session")
+def etcd_server() -> Iterator[EtcdServer]:
+    with EtcdServer() as server:
+        os.environ[_ETCD_ENV] = server.endpoint
+        try:
+            yield server
+        finally:
+            os.environ.pop(_ETCD_ENV, None)
 
 
 @pytest.fixture(params=sorted(BACKENDS))
 def store_backend(request: pytest.FixtureRequest, tmp_path: Path) -> StoreBackend:
+    if request.param == "etcd":
+        request.getfixturevalue("etcd_server")
     return BACKENDS[request.param](tmp_path)
+
+
+async def written_after(backend: StoreBackend, write: Awaitable[int], before: int) -> int:
+    """Await a write; check its revision follows `before` as the backend promises."""
+    revision = await write
+    if backend.dense:
+        assert revision == before + 1
+    else:
+        assert revision > before
+    return revision
 
 
 Body = Callable[[Store], Awaitable[None]]
@@ -170,42 +241,48 @@ def test_store_satisfies_the_protocol(store_backend: StoreBackend) -> None:
 
 def test_put_stamps_the_item_with_the_new_revision(store_backend: StoreBackend) -> None:
     async def body(store: Store) -> None:
-        assert await store.revision() == 0
+        base = await store.revision()
+        assert base == 0 or not store_backend.dense
         assert await store.get("domains/a.example") is None
-        rev = await store.put("domains/a.example", b'{"app": "a"}')
-        assert rev == 1 == await store.revision()
+        rev = await written_after(store_backend, store.put("domains/a.example", b'{"app": "a"}'),
+                                  base)
+        assert rev == await store.revision()
         item = await store.get("domains/a.example")
         assert item is not None
-        assert (item.key, item.value, item.revision) == ("domains/a.example", b'{"app": "a"}', 1)
+        assert (item.key, item.value, item.revision) == ("domains/a.example", b'{"app": "a"}',
+                                                         rev)
         binary = bytes(range(256)) + b"\n\x00"
-        assert await store.put("certs/*.a.example/custom", binary, secret=True) == 2
-        assert await store.put("empty", b"") == 3
+        rev = await written_after(store_backend,
+                                  store.put("certs/*.a.example/custom", binary, secret=True), rev)
+        await written_after(store_backend, store.put("empty", b""), rev)
         assert (await store.get("certs/*.a.example/custom")).value == binary  # type: ignore[union-attr]
         assert (await store.get("empty")).value == b""  # type: ignore[union-attr]
     run(store_backend, body)
 
 
-def test_every_write_and_delete_moves_the_revision_up_by_one(
-        store_backend: StoreBackend) -> None:
+def test_every_write_and_delete_moves_the_revision_up(store_backend: StoreBackend) -> None:
     async def body(store: Store) -> None:
-        assert await store.put("a", b"1") == 1
-        assert await store.put("a", b"2") == 2
+        first = await written_after(store_backend, store.put("a", b"1"), await store.revision())
+        second = await written_after(store_backend, store.put("a", b"2"), first)
         assert await store.delete("a") is True
-        assert await store.revision() == 3
+        deleted = await written_after(store_backend, store.revision(), second)
         assert await store.get("a") is None
         assert await store.delete("a") is False  # nothing to delete: no write
-        assert await store.revision() == 3
-        assert await store.put("a", b"3") == 4
+        assert await store.revision() == deleted
+        await written_after(store_backend, store.put("a", b"3"), deleted)
     run(store_backend, body)
 
 
 def test_concurrent_writes_from_one_loop_get_distinct_revisions(
         store_backend: StoreBackend) -> None:
     async def body(store: Store) -> None:
+        base = await store.revision()
         writes = [store.put(f"apps/app{i}", b"x") for i in range(30)]
         writes += [store.put("status/same", b"%d" % i) for i in range(30)]
         revisions = await asyncio.gather(*writes)
-        assert sorted(revisions) == list(range(1, 61))
+        assert len(set(revisions)) == 60 and min(revisions) > base
+        if store_backend.dense:
+            assert sorted(revisions) == list(range(base + 1, base + 61))
         same = await store.get("status/same")
         assert same is not None and same.revision == max(revisions[30:])
     run(store_backend, body)
@@ -214,10 +291,11 @@ def test_concurrent_writes_from_one_loop_get_distinct_revisions(
 def test_scan_and_keys_are_sorted_and_match_a_string_prefix(
         store_backend: StoreBackend) -> None:
     async def body(store: Store) -> None:
+        written = {}
         for key in ["domains/www.b.example", "domains/a.example", "domains/www.a.example",
                     "domains", "domainsx/z", "certs/a.example/custom", "certs/a.example/acme",
                     "certs/a.example.org/acme"]:
-            await store.put(key, key.encode())
+            written[key] = await store.put(key, key.encode())
         assert await store.keys("domains/") == [
             "domains/a.example", "domains/www.a.example", "domains/www.b.example"]
         assert await store.keys("domains/www") == ["domains/www.a.example",
@@ -233,8 +311,9 @@ def test_scan_and_keys_are_sorted_and_match_a_string_prefix(
         assert len(everything) == 8
         assert all(i.value == i.key.encode() for i in everything)
         items = await store.scan("certs/a.example/")
-        assert [(i.key, i.revision) for i in items] == [("certs/a.example/acme", 7),
-                                                        ("certs/a.example/custom", 6)]
+        assert [(i.key, i.revision) for i in items] == [
+            ("certs/a.example/acme", written["certs/a.example/acme"]),
+            ("certs/a.example/custom", written["certs/a.example/custom"])]
     run(store_backend, body)
 
 
@@ -242,22 +321,24 @@ def test_scan_and_keys_are_sorted_and_match_a_string_prefix(
                                  "caf\u00e9", "x" * 251, "a\\b", "a/" * 600 + "a"])
 def test_invalid_keys_are_rejected(store_backend: StoreBackend, key: str) -> None:
     async def body(store: Store) -> None:
+        base = await store.revision()
         with pytest.raises(StoreError, match="invalid store key"):
             await store.put(key, b"x")
         with pytest.raises(StoreError):
             await store.get(key)
-        assert await store.revision() == 0
+        assert await store.revision() == base
     run(store_backend, body)
 
 
 def test_create_if_absent_conflicts_and_writes_nothing(store_backend: StoreBackend) -> None:
     async def body(store: Store) -> None:
-        assert await store.put("challenges/t1", b"one", expect=0) == 1
+        rev = await written_after(store_backend, store.put("challenges/t1", b"one", expect=0),
+                                  await store.revision())
         with pytest.raises(ConflictError, match="already exists"):
             await store.put("challenges/t1", b"two", expect=0)
         item = await store.get("challenges/t1")
-        assert item is not None and (item.value, item.revision) == (b"one", 1)
-        assert await store.revision() == 1
+        assert item is not None and (item.value, item.revision) == (b"one", rev)
+        assert await store.revision() == rev
     run(store_backend, body)
 
 
@@ -266,7 +347,7 @@ def test_compare_and_swap_conflicts_on_a_stale_revision_and_writes_nothing(
     async def body(store: Store) -> None:
         first = await store.put("status/a.example", b"creating")
         second = await store.put("status/a.example", b"issued", expect=first)
-        with pytest.raises(ConflictError, match="expected revision 1"):
+        with pytest.raises(ConflictError, match=f"expected revision {first}"):
             await store.put("status/a.example", b"error", expect=first)
         with pytest.raises(ConflictError):
             await store.put("status/b.example", b"x", expect=5)  # absent
@@ -284,7 +365,7 @@ def test_conditional_delete(store_backend: StoreBackend) -> None:
             await store.delete("a", expect=rev + 7)
         assert await store.get("a") is not None
         assert await store.delete("a", expect=rev) is True
-        assert await store.revision() == rev + 1
+        await written_after(store_backend, store.revision(), rev)
     run(store_backend, body)
 
 
@@ -360,19 +441,20 @@ def test_watch_ends_in_the_same_state_as_a_fresh_scan(store_backend: StoreBacken
 def test_watch_from_a_compacted_revision_raises_compacted(
         store_backend: StoreBackend) -> None:
     async def body(store: Store) -> None:
-        for i in range(40):
-            await store.put(f"k/{i}", b"x")
+        base = await store.revision()
+        revisions = [await store.put(f"k/{i}", b"x") for i in range(40)]
         with pytest.raises(Compacted) as raised:
-            await anext(store.watch("k/", 1))
-        assert 2 < raised.value.oldest <= 40
-        recent = await next_events(store.watch("k/", 37), 3)
-        assert [e.revision for e in recent] == [38, 39, 40]
+            await anext(store.watch("k/", revisions[0]))
+        assert revisions[1] < raised.value.oldest <= revisions[-1]
+        recent = await next_events(store.watch("k/", revisions[36]), 3)
+        assert [e.revision for e in recent] == revisions[37:]
+        assert base < revisions[0]
     run(store_backend, body, history=10)
 
 
 def test_a_watcher_keeping_up_survives_compaction(store_backend: StoreBackend) -> None:
     async def body(store: Store) -> None:
-        events = store.watch("k/", 0)
+        events = store.watch("k/", await store.revision())
         for i in range(25):
             rev = await store.put(f"k/{i}", b"%d" % i)
             [event] = await next_events(events, 1)
@@ -401,7 +483,7 @@ def test_another_client_sees_writes_and_watch_events(store_backend: StoreBackend
 def test_closed_store_refuses_calls_and_ends_its_watches(store_backend: StoreBackend) -> None:
     async def main() -> None:
         store = await store_backend.open()
-        events = store.watch("", 0)
+        events = store.watch("", await store.revision())
         pending = asyncio.ensure_future(anext(events))
         await asyncio.sleep(0.1)
         await store.close()
@@ -472,20 +554,24 @@ def test_lock_wait_runs_out_with_lock_timeout_naming_the_lock(
 
 
 def test_a_dead_holders_lock_frees_itself_after_ttl(store_backend: StoreBackend) -> None:
+    ttl = store_backend.short_ttl
+
     async def body(store: Store) -> None:
-        await store.lock("domain-a.example", ttl=0.3)  # never refreshed: holder "died"
+        await store.lock("domain-a.example", ttl=ttl)  # never refreshed: holder "died"
         started = time.monotonic()
-        lease = await store.lock("domain-a.example", ttl=5, wait=3)
-        assert 0.2 < time.monotonic() - started < 1.5
+        lease = await store.lock("domain-a.example", ttl=5, wait=ttl + 3)
+        assert ttl * 0.6 < time.monotonic() - started < ttl + 1.2
         assert await lease.refresh() is True
     run(store_backend, body)
 
 
 def test_refresh_keeps_the_lock_past_its_ttl(store_backend: StoreBackend) -> None:
+    ttl = store_backend.short_ttl
+
     async def body(store: Store) -> None:
-        lease = await store.lock("domain-a.example", ttl=0.3)
+        lease = await store.lock("domain-a.example", ttl=ttl)
         for _ in range(6):
-            await asyncio.sleep(0.1)
+            await asyncio.sleep(ttl / 3)
             assert await lease.refresh() is True
             with pytest.raises(LockTimeout):
                 await store.lock("domain-a.example", ttl=1)
@@ -494,10 +580,12 @@ def test_refresh_keeps_the_lock_past_its_ttl(store_backend: StoreBackend) -> Non
 
 def test_a_lost_lease_cannot_refresh_or_release_the_new_holders_lock(
         store_backend: StoreBackend) -> None:
+    ttl = store_backend.short_ttl
+
     async def body(store: Store) -> None:
-        old = await store.lock("domain-a.example", ttl=0.2)
-        await asyncio.sleep(0.3)
-        new = await store.lock("domain-a.example", ttl=30)
+        old = await store.lock("domain-a.example", ttl=ttl * 0.7)
+        await asyncio.sleep(ttl)
+        new = await store.lock("domain-a.example", ttl=30, wait=ttl + 3)
         assert await old.refresh() is False
         await old.release()
         with pytest.raises(LockTimeout):

@@ -11,6 +11,7 @@ touches the store.
 from __future__ import annotations
 
 import asyncio
+import itertools
 import logging
 import os
 import re
@@ -89,6 +90,13 @@ class ClientSide(Protocol):
 
     def misdirected(self, host: str) -> bool: ...
 
+    def cork(self) -> None: ...
+
+    def uncork(self) -> None: ...
+
+    @property
+    def loop(self) -> asyncio.AbstractEventLoop: ...
+
 
 class Body:
     """A request body in flight: the client side feeds it, the exchange reads it."""
@@ -128,7 +136,7 @@ class Body:
         while not self.chunks:
             if self.done:
                 return None
-            self.waiter = asyncio.get_running_loop().create_future()
+            self.waiter = self.session.loop.create_future()
             await self.waiter
         data = self.chunks.popleft()
         self.consumed = True
@@ -164,6 +172,16 @@ class Request:
 
 
 _REQUESTS_CHILDREN: dict[tuple[str, int], Counter] = {}
+
+
+# Request ids: a random per-process prefix and a counter. Unique and cheap (no
+# getrandom syscall per request); they identify requests, they are not secrets.
+_ID_PREFIX = os.urandom(8).hex()
+_id_counter = itertools.count(1)
+
+
+def _next_request_id() -> str:
+    return f"{_ID_PREFIX}{next(_id_counter):016x}"
 
 
 def count(app: str, status: int) -> None:
@@ -204,8 +222,7 @@ class Exchange:
         self.app: App | None = None
         self.host = ""
         self.conn: UpstreamConnection | None = None
-        self.done: asyncio.Future[bool | int | None] = (
-            asyncio.get_running_loop().create_future())
+        self.done: asyncio.Future[bool | int | None] = session.loop.create_future()
         self.status = 0
         self.got_head = False
         self.upstream_paused = False
@@ -251,7 +268,7 @@ class Exchange:
                     if _REQUEST_ID.fullmatch(value):
                         return value.decode()
                     break
-        return os.urandom(16).hex()
+        return _next_request_id()
 
     def refuse(self, status: int, why: str) -> bool:
         self.status = status
@@ -345,7 +362,8 @@ class Exchange:
         req = self.req
         self.conn = conn
         self.got_head = False
-        self.done = asyncio.get_running_loop().create_future()
+        if self.done.done():  # a retry on another connection
+            self.done = self.session.loop.create_future()
         conn.start(self, head_only=req.method == b"HEAD", upgrade=req.upgrade)
         self.upstream_started = time.monotonic()
         self.sent_at = 0.0
@@ -384,7 +402,7 @@ class Exchange:
 
     # -- timeouts -------------------------------------------------------------------
     def _arm(self, delay: float) -> None:
-        self.watchdog = asyncio.get_running_loop().call_later(max(delay, 0.01), self._watch)
+        self.watchdog = self.session.loop.call_later(max(delay, 0.01), self._watch)
 
     def _watch(self) -> None:
         """One timer per exchange, re-armed for what remains (no per-read timers)."""
@@ -506,6 +524,12 @@ class Exchange:
             self.done.set_result(502)
         else:
             self.done.set_result(None)
+
+    def cork(self) -> None:
+        self.session.cork()
+
+    def uncork(self) -> None:
+        self.session.uncork()
 
     def tunnel_data(self, data: bytes) -> None:
         self.bytes_out += len(data)

@@ -46,6 +46,10 @@ class ResponseSink(Protocol):
 
     def upstream_write_paused(self, paused: bool) -> None: ...
 
+    def cork(self) -> None: ...
+
+    def uncork(self) -> None: ...
+
 
 class BadResponse(Exception):
     """The backend's response broke HTTP/1.1 rules; the client gets 502."""
@@ -114,6 +118,8 @@ class UpstreamConnection(asyncio.Protocol):
             if self.transport is not None:
                 self.transport.close()
             return
+        sink = self.sink
+        sink.cork()
         try:
             parser.feed_data(data)
         except httptools.HttpParserCallbackError as exc:
@@ -128,6 +134,8 @@ class UpstreamConnection(asyncio.Protocol):
                 self.sink.tunnel_data(rest)
         except httptools.HttpParserError as exc:
             self._fail(exc)
+        finally:
+            sink.uncork()
 
     def eof_received(self) -> bool | None:
         return None  # close our side too; connection_lost reports the end
@@ -166,7 +174,7 @@ class UpstreamConnection(asyncio.Protocol):
         if not self._paused:
             return
         if self._writable is None:
-            self._writable = asyncio.get_running_loop().create_future()
+            self._writable = self.pool.loop.create_future()
         await self._writable
 
     def detach(self) -> None:
@@ -288,13 +296,22 @@ class UpstreamPool:
     `lost`, which frees its slot. Loop-bound; not thread-safe.
     """
 
-    __slots__ = ("_backends", "_loop", "connect_timeout", "idle_timeout",
-                 "max_connections", "quarantine_for", "queue")
+    __slots__ = (
+        "_backends",
+        "_loop",
+        "connect_timeout",
+        "idle_timeout",
+        "loop",
+        "max_connections",
+        "quarantine_for",
+        "queue",
+    )
 
     def __init__(self, *, connect_timeout: float, idle_timeout: float = 30.0,
                  max_connections: int = 100, queue: int = 50,
                  quarantine_for: float = 10.0) -> None:
         self._loop = asyncio.get_running_loop()
+        self.loop = self._loop
         self._backends: dict[Backend, _BackendState] = {}
         self.connect_timeout = connect_timeout
         self.idle_timeout = idle_timeout

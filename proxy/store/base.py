@@ -61,9 +61,12 @@ class Store(Protocol):
     """A revisioned key-value store shared by every process of a node (or cluster).
 
     Keys are `/`-separated paths of DNS-safe segments (`domains/www.example.com`).
-    Every write moves the store's revision up by exactly one and stamps the written
-    item with it; revisions never go back. Methods are coroutines run on the caller's
-    event loop; a backend may use threads inside but never blocks the loop. Errors
+    Every write moves the store's revision up and stamps the written item with it;
+    revisions never go back. FileStore moves it by exactly one per write (0 for an empty
+    store); EtcdStore's revision is the etcd cluster's, which every write in that cluster
+    moves (other prefixes too), so it may skip numbers: never assume +1. Methods are
+    coroutines run on the caller's event loop; a backend may use threads inside but
+    never blocks the loop. Errors
     are StoreError (NotFound, ConflictError, LockTimeout are subclasses).
 
     Secrets: values written with `secret=True` (anything holding a private key) are
@@ -97,7 +100,7 @@ class Store(Protocol):
         ...
 
     async def revision(self) -> int:
-        """The store's current revision (0 for an empty store)."""
+        """The store's current revision (files: 0 for an empty store)."""
         ...
 
     def watch(self, prefix: str, after: int) -> AsyncIterator[Event]:
@@ -117,7 +120,8 @@ class Store(Protocol):
     async def lock(self, name: str, *, ttl: float, wait: float = 0.0) -> Lease:
         """Take the lock `name` for `ttl` seconds (the holder refreshes it).
 
-        A holder that dies stops refreshing and the lock frees itself after `ttl`.
+        A holder that dies stops refreshing and the lock frees itself after `ttl`
+        (a backend may round a short ttl up: etcd leases last at least 2 s).
         Waits up to `wait` seconds, then raises LockTimeout.
         """
         ...

@@ -27,7 +27,6 @@ import fcntl
 import json
 import logging
 import os
-import re
 import secrets
 import socket
 import time
@@ -38,12 +37,12 @@ from typing import ParamSpec, TypeVar
 
 from proxy.errors import ConflictError, LockTimeout, StoreError
 from proxy.store.base import Compacted, Event, Item
+from proxy.store.keys import check_prefix as _check_prefix
+from proxy.store.keys import split_key as _split_key
 
 log = logging.getLogger("tlsedge.store.files")
 
 LOCKS = "locks/"
-_SEGMENT = re.compile(r"[a-z0-9._*-]{1,250}")
-_MAX_KEY = 1024  # keeps a log line far below the 4 KiB tail window read on every write
 _LOG_MAGIC = b"tlsedge-changes 1 "
 _REC_MAGIC = b"tlsedge-record 1 "
 _REC, _DIR, _TMP = ".rec", ".d", ".tmp"
@@ -55,23 +54,6 @@ _READ_MAX = 1 << 20
 
 P = ParamSpec("P")
 T = TypeVar("T")
-
-
-def _split_key(key: str) -> list[str]:
-    parts = key.split("/")
-    if len(key) > _MAX_KEY or not all(_SEGMENT.fullmatch(p) and p not in (".", "..")
-                                      for p in parts):
-        raise StoreError(f"invalid store key {key[:80]!r}: use '/'-separated segments of "
-                         f"a-z 0-9 . _ * - (1-250 characters, not '.' or '..')")
-    return parts
-
-
-def _check_prefix(prefix: str) -> None:
-    head, slash, last = prefix.rpartition("/")
-    if slash:
-        _split_key(head)
-    if last and not _SEGMENT.fullmatch(last):
-        raise StoreError(f"invalid store prefix {prefix[:80]!r}")
 
 
 def _encode_record(revision: int, value: bytes) -> bytes:

@@ -1,0 +1,530 @@
+"""EtcdStore: the Store contract on an etcd v3 cluster, shared by every edge node.
+
+Owns the key layout under one prefix (`/tlsedge/` + store key), the gRPC channel, the
+watches and the lease-backed locks. It never logs a value and never retries a write on
+its own: a failed call raises StoreError and the caller decides (sync reconnects).
+
+Built on aetcd's generated gRPC stubs (`aetcd.rpc`) over a channel of our own: aetcd's
+Client only opens plaintext channels and hides the response headers whose revisions
+this contract is about.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import math
+import os
+import socket
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from dataclasses import dataclass
+from typing import Any, TypeVar
+
+import grpc
+import grpc.aio
+from aetcd import rpc
+
+from proxy import metrics
+from proxy.errors import ConflictError, LockTimeout, StoreError
+from proxy.store.base import Compacted, Event, Item
+from proxy.store.keys import check_prefix, split_key
+
+log = logging.getLogger("tlsedge.store.etcd")
+
+LOCKS = "locks/"
+MIN_LEASE_TTL = 2  # etcd refuses (rounds up) shorter leases: 1.5 x election timeout
+_PAGE = 1000  # keys per Range call of a scan: one call never carries the whole store
+_LOCK_POLL = (0.05, 0.5)  # first and longest pause between two tries of a held lock
+T = TypeVar("T")
+
+# Reconnect quickly after an outage (gRPC's default backoff grows to 120 s), find a
+# dead TCP peer within ~15 s even with no call in flight (a watch only reads), and
+# accept large pages of certificates.
+_CHANNEL_OPTIONS: list[tuple[str, Any]] = [
+    ("grpc.initial_reconnect_backoff_ms", 200),
+    ("grpc.min_reconnect_backoff_ms", 200),
+    ("grpc.max_reconnect_backoff_ms", 2000),
+    ("grpc.keepalive_time_ms", 10_000),  # etcd accepts pings every 5 s or slower
+    ("grpc.keepalive_timeout_ms", 5_000),
+    ("grpc.keepalive_permit_without_calls", 1),
+    ("grpc.max_receive_message_length", 256 * 1024 * 1024),
+]
+
+
+@dataclass(frozen=True, slots=True)
+class EtcdSettings:
+    """How to reach etcd (store section of the config, resolved)."""
+
+    endpoints: tuple[str, ...]
+    prefix: str = "/tlsedge/"
+    ca: str | None = None
+    cert: str | None = None
+    key: str | None = None
+    username: str | None = None
+    password_file: str | None = None
+    timeout: float = 5.0
+    node: str = ""
+
+
+def _range_end(prefix: bytes) -> bytes:
+    """The first key after every key starting with `prefix` (etcd's prefix range)."""
+    end = bytearray(prefix)
+    while end:
+        if end[-1] < 0xFF:
+            end[-1] += 1
+            return bytes(end)
+        end.pop()
+    return b"\0"  # the prefix was all 0xff: to the end of the keyspace
+
+
+def _target(endpoints: Sequence[str]) -> tuple[str, bool]:
+    """(gRPC target, whether an endpoint asked for TLS with https://)."""
+    tls = any(e.startswith("https://") for e in endpoints)
+    hosts = [e.split("://", 1)[-1].rstrip("/") for e in endpoints]
+    if len(hosts) == 1:
+        return f"dns:///{hosts[0]}", tls
+    # Several endpoints: gRPC fails over between them when given as one address list.
+    return "ipv4:" + ",".join(hosts), tls
+
+
+def _describe(exc: grpc.aio.AioRpcError) -> str:
+    code = exc.code()
+    details = (exc.details() or "").splitlines()[0][:200] if exc.details() else ""
+    name = code.name.lower().replace("_", " ") if code is not None else "error"
+    return f"{name}: {details}" if details else name
+
+
+class EtcdStore:
+    """A Store in etcd. Keys are `prefix + key`; revisions are etcd's.
+
+    An item's revision is its etcd mod_revision and the store's revision is the etcd
+    cluster's, which also counts writes outside our prefix: revisions strictly increase
+    but may skip numbers. Values are stored as given; `secret=True` changes nothing here
+    (protect etcd itself: TLS, auth, no shared access).
+
+    Every method may be called concurrently from the loop that first used the store
+    (the gRPC channel binds to it). close() ends every watch, revokes every lease this
+    client holds (its locks are freed at once) and closes the channel.
+    """
+
+    def __init__(self, settings: EtcdSettings) -> None:
+        if not settings.endpoints:
+            raise StoreError("etcd store: no endpoints configured")
+        self.settings = settings
+        self.where = ", ".join(settings.endpoints)
+        self._prefix = settings.prefix.encode()
+        self._timeout = settings.timeout
+        self._channel: grpc.aio.Channel | None = None
+        self._metadata: tuple[tuple[str, str], ...] = ()
+        self._auth_lock = asyncio.Lock()
+        self._closed = False
+        self._watches: set[grpc.aio.StreamStreamCall] = set()
+        self._leases: set[int] = set()
+        self._password = ""
+        if settings.username and settings.password_file:
+            try:
+                with open(settings.password_file, encoding="utf-8") as f:
+                    self._password = f.read().strip()
+            except OSError as exc:
+                raise StoreError(f"etcd: cannot read password_file {settings.password_file}:"
+                                 f" {exc.strerror}") from None
+        self._holder = (f"node {settings.node}, " if settings.node else "") + \
+            f"pid {os.getpid()} on {socket.gethostname()}"
+
+    def __repr__(self) -> str:
+        return f"EtcdStore({self.where!r}, prefix={self.settings.prefix!r})"
+
+    # -- the channel -----------------------------------------------------------------------
+
+    def _open_channel(self) -> grpc.aio.Channel:
+        if self._channel is None:
+            target, want_tls = _target(self.settings.endpoints)
+            s = self.settings
+            if want_tls or s.ca or s.cert:
+                def read(path: str | None) -> bytes | None:
+                    if path is None:
+                        return None
+                    with open(path, "rb") as f:
+                        return f.read()
+                try:
+                    creds = grpc.ssl_channel_credentials(read(s.ca), read(s.key), read(s.cert))
+                except OSError as exc:
+                    raise StoreError(f"etcd at {self.where}: cannot read TLS files: {exc}"
+                                     ) from None
+                self._channel = grpc.aio.secure_channel(target, creds, _CHANNEL_OPTIONS)
+            else:
+                self._channel = grpc.aio.insecure_channel(target, _CHANNEL_OPTIONS)
+        return self._channel
+
+    async def _authenticate(self) -> None:
+        if not self.settings.username:
+            return
+        stub = rpc.AuthStub(self._open_channel())
+        response = await stub.Authenticate(
+            rpc.AuthenticateRequest(name=self.settings.username, password=self._password),
+            timeout=self._timeout)
+        self._metadata = (("token", response.token),)
+
+    async def _call(self, op: str, what: str, fn: Callable[[], Awaitable[T]]) -> T:
+        """Run one etcd call: timed, authenticated (again once if the token expired),
+        with gRPC errors turned into StoreError naming the endpoint and the operation."""
+        if self._closed:
+            raise StoreError("the store is closed")
+        started = time.monotonic()
+        try:
+            for attempt in (1, 2):
+                try:
+                    if not self._metadata and self.settings.username:
+                        async with self._auth_lock:
+                            if not self._metadata:
+                                await self._authenticate()
+                    return await fn()
+                except grpc.aio.AioRpcError as exc:
+                    token_expired = "invalid auth token" in (exc.details() or "")
+                    if attempt == 1 and token_expired and self.settings.username:
+                        self._metadata = ()
+                        continue
+                    metrics.STORE_ERRORS.labels(op).inc()
+                    if exc.code() in (grpc.StatusCode.UNAVAILABLE,
+                                      grpc.StatusCode.DEADLINE_EXCEEDED):
+                        raise StoreError(f"cannot reach etcd at {self.where}: "
+                                         f"{_describe(exc)} ({what})") from None
+                    raise StoreError(f"etcd at {self.where}: cannot {what}: "
+                                     f"{_describe(exc)}") from None
+            raise AssertionError("unreachable")
+        finally:
+            metrics.STORE_OP_SECONDS.labels(op).observe(time.monotonic() - started)
+
+    def _kv(self) -> Any:
+        return rpc.KVStub(self._open_channel())
+
+    def _lease_stub(self) -> Any:
+        return rpc.LeaseStub(self._open_channel())
+
+    def _key(self, key: str) -> bytes:
+        split_key(key)
+        return self._prefix + key.encode()
+
+    def _unkey(self, raw: bytes) -> str:
+        return raw[len(self._prefix):].decode()
+
+    # -- reads -----------------------------------------------------------------------------
+
+    async def get(self, key: str) -> Item | None:
+        raw = self._key(key)
+
+        async def call() -> Any:
+            return await self._kv().Range(rpc.RangeRequest(key=raw), timeout=self._timeout,
+                                          metadata=self._metadata)
+        response = await self._call("get", f"read {key}", call)
+        if not response.kvs:
+            return None
+        kv = response.kvs[0]
+        return Item(key, bytes(kv.value), kv.mod_revision)
+
+    async def revision(self) -> int:
+        async def call() -> Any:
+            # The cheapest request that returns the cluster's header revision.
+            return await self._kv().Range(
+                rpc.RangeRequest(key=self._prefix, limit=1, count_only=True),
+                timeout=self._timeout, metadata=self._metadata)
+        response = await self._call("revision", "read the revision", call)
+        return int(response.header.revision)
+
+    async def scan(self, prefix: str) -> list[Item]:
+        check_prefix(prefix)
+        return [Item(self._unkey(kv.key), bytes(kv.value), kv.mod_revision)
+                for kv in await self._range(prefix, keys_only=False)]
+
+    async def keys(self, prefix: str) -> list[str]:
+        check_prefix(prefix)
+        return [self._unkey(kv.key) for kv in await self._range(prefix, keys_only=True)]
+
+    async def _range(self, prefix: str, *, keys_only: bool) -> list[Any]:
+        """Every key-value under `prefix`, in pages, all read at the first page's revision
+        (one consistent view however long the scan takes)."""
+        start = self._prefix + prefix.encode()
+        end = _range_end(start)
+        found: list[Any] = []
+        revision = 0
+        while True:
+            request = rpc.RangeRequest(key=start, range_end=end, limit=_PAGE,
+                                       revision=revision, keys_only=keys_only,
+                                       sort_order=rpc.RangeRequest.SortOrder.ASCEND,
+                                       sort_target=rpc.RangeRequest.SortTarget.KEY)
+
+            async def call(request: Any = request) -> Any:
+                return await self._kv().Range(request, timeout=self._timeout,
+                                              metadata=self._metadata)
+            response = await self._call("scan", f"scan {prefix!r}", call)
+            revision = revision or response.header.revision
+            found.extend(response.kvs)
+            if not response.more or not response.kvs:
+                return found
+            start = response.kvs[-1].key + b"\0"
+
+    # -- writes ----------------------------------------------------------------------------
+
+    async def put(self, key: str, value: bytes, *, expect: int | None = None,
+                  secret: bool = False) -> int:
+        raw = self._key(key)
+        request = rpc.PutRequest(key=raw, value=bytes(value))
+        if expect is None:
+            async def call() -> Any:
+                return await self._kv().Put(request, timeout=self._timeout,
+                                            metadata=self._metadata)
+            response = await self._call("put", f"write {key}", call)
+            return int(response.header.revision)
+        response = await self._txn("put", f"write {key}", raw, expect,
+                                   rpc.RequestOp(request_put=request))
+        return int(response.header.revision)
+
+    async def delete(self, key: str, *, expect: int | None = None) -> bool:
+        raw = self._key(key)
+        request = rpc.DeleteRangeRequest(key=raw)
+        if expect is None:
+            async def call() -> Any:
+                return await self._kv().DeleteRange(request, timeout=self._timeout,
+                                                    metadata=self._metadata)
+            response = await self._call("delete", f"delete {key}", call)
+            return bool(response.deleted)
+        response = await self._txn("delete", f"delete {key}", raw, expect,
+                                   rpc.RequestOp(request_delete_range=request))
+        return bool(response.responses[0].response_delete_range.deleted)
+
+    async def _txn(self, op: str, what: str, raw: bytes, expect: int, then: Any) -> Any:
+        """`then` if the key's revision is `expect` (0: absent), else ConflictError."""
+        if expect == 0:
+            compare = rpc.Compare(key=raw, result=rpc.Compare.CompareResult.EQUAL,
+                                  target=rpc.Compare.CompareTarget.CREATE, create_revision=0)
+        else:
+            compare = rpc.Compare(key=raw, result=rpc.Compare.CompareResult.EQUAL,
+                                  target=rpc.Compare.CompareTarget.MOD, mod_revision=expect)
+        request = rpc.TxnRequest(
+            compare=[compare], success=[then],
+            failure=[rpc.RequestOp(request_range=rpc.RangeRequest(key=raw, keys_only=True))])
+
+        async def call() -> Any:
+            return await self._kv().Txn(request, timeout=self._timeout,
+                                        metadata=self._metadata)
+        response = await self._call(op, what, call)
+        if response.succeeded:
+            return response
+        kvs = response.responses[0].response_range.kvs
+        key = self._unkey(raw)
+        if expect == 0:
+            raise ConflictError(f"{key} already exists (revision {kvs[0].mod_revision})")
+        state = f"is at revision {kvs[0].mod_revision}" if kvs else "is absent"
+        raise ConflictError(f"{key} changed: expected revision {expect}, it {state}")
+
+    # -- watch -----------------------------------------------------------------------------
+
+    async def watch(self, prefix: str, after: int) -> AsyncIterator[Event]:
+        """One etcd watch stream from revision `after + 1`: etcd replays what was missed,
+        in order, then streams new changes. A lost connection ends it with StoreError (the
+        caller resumes from the last revision it applied); close() ends it quietly."""
+        check_prefix(prefix)
+        if self._closed:
+            raise StoreError("the store is closed")
+        start = self._prefix + prefix.encode()
+        create = rpc.WatchCreateRequest(key=start, range_end=_range_end(start),
+                                        start_revision=after + 1)
+        call = None
+        try:
+            try:
+                if self.settings.username and not self._metadata:
+                    await self._call("watch", "authenticate", self._authenticate)
+                call = rpc.WatchStub(self._open_channel()).Watch(metadata=self._metadata)
+                self._watches.add(call)
+                await call.write(rpc.WatchRequest(create_request=create))
+                while True:
+                    response = await call.read()
+                    if response is grpc.aio.EOF:
+                        raise StoreError(f"etcd at {self.where} ended the watch")
+                    if response.compact_revision:
+                        raise Compacted(response.compact_revision)
+                    if response.canceled:
+                        raise StoreError(f"etcd at {self.where} cancelled the watch: "
+                                         f"{response.cancel_reason or 'no reason given'}")
+                    for e in response.events:
+                        deleted = e.type == rpc.Event.EventType.DELETE
+                        yield Event(self._unkey(e.kv.key),
+                                    None if deleted else bytes(e.kv.value), e.kv.mod_revision)
+            except grpc.aio.AioRpcError as exc:
+                metrics.STORE_ERRORS.labels("watch").inc()
+                raise StoreError(f"etcd watch at {self.where} lost: {_describe(exc)}"
+                                 ) from None
+            except asyncio.CancelledError:
+                task = asyncio.current_task()
+                if self._closed and (task is None or not task.cancelling()):
+                    return  # close() cancelled the call, not someone our task
+                raise
+        finally:
+            if call is not None:
+                self._watches.discard(call)
+                call.cancel()
+
+    # -- locks -----------------------------------------------------------------------------
+
+    async def lock(self, name: str, *, ttl: float, wait: float = 0.0) -> EtcdLease:
+        """Creates `locks/<name>` attached to a new lease of max(ttl, 2 s): the creating
+        write's revision is the fencing token; the key goes when the lease does."""
+        key = LOCKS + name
+        if len(split_key(key)) != 2:
+            raise StoreError(f"invalid lock name {name[:80]!r}: one key segment, no '/'")
+        raw = self._key(key)
+        lease_ttl = max(MIN_LEASE_TTL, math.ceil(ttl))
+        value = json.dumps({"holder": self._holder, "taken_at": time.time(),
+                            "ttl": lease_ttl}).encode()
+        started = time.monotonic()
+        deadline = started + wait
+        pause = _LOCK_POLL[0]
+        while True:
+            lease_id = await self._grant(lease_ttl)
+            request = rpc.TxnRequest(
+                compare=[rpc.Compare(key=raw, result=rpc.Compare.CompareResult.EQUAL,
+                                     target=rpc.Compare.CompareTarget.CREATE,
+                                     create_revision=0)],
+                success=[rpc.RequestOp(request_put=rpc.PutRequest(key=raw, value=value,
+                                                                  lease=lease_id))],
+                failure=[rpc.RequestOp(request_range=rpc.RangeRequest(key=raw))])
+
+            async def call(request: Any = request) -> Any:
+                return await self._kv().Txn(request, timeout=self._timeout,
+                                            metadata=self._metadata)
+            try:
+                response = await self._call("lock", f"take lock {name}", call)
+            except StoreError:
+                await self._revoke(lease_id)
+                raise
+            if response.succeeded:
+                metrics.STORE_LOCK_WAIT_SECONDS.observe(time.monotonic() - started)
+                return EtcdLease(self, raw, lease_id, int(response.header.revision))
+            await self._revoke(lease_id)
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                kvs = response.responses[0].response_range.kvs
+                metrics.STORE_LOCK_TIMEOUTS.inc()
+                raise LockTimeout(f"lock {name} is held by {self._describe_holder(kvs)}; "
+                                  f"gave up after {wait:g} s")
+            await asyncio.sleep(min(pause, remaining))
+            pause = min(pause * 2, _LOCK_POLL[1])
+
+    @staticmethod
+    def _describe_holder(kvs: Sequence[Any]) -> str:
+        if not kvs:
+            return "another client (just released)"
+        try:
+            record = json.loads(kvs[0].value)
+            return str(record.get("holder", "another client"))
+        except ValueError:
+            return "another client"
+
+    async def _grant(self, ttl: int) -> int:
+        async def call() -> Any:
+            return await self._lease_stub().LeaseGrant(rpc.LeaseGrantRequest(TTL=ttl),
+                                                       timeout=self._timeout,
+                                                       metadata=self._metadata)
+        response = await self._call("lease", "grant a lease", call)
+        self._leases.add(response.ID)
+        return int(response.ID)
+
+    async def _revoke(self, lease_id: int) -> None:
+        """Revoke (deleting the keys attached to it); a lease already gone is fine."""
+        self._leases.discard(lease_id)
+
+        async def call() -> Any:
+            try:
+                return await self._lease_stub().LeaseRevoke(
+                    rpc.LeaseRevokeRequest(ID=lease_id), timeout=self._timeout,
+                    metadata=self._metadata)
+            except grpc.aio.AioRpcError as exc:
+                if exc.code() == grpc.StatusCode.NOT_FOUND:
+                    return None
+                raise
+        await self._call("release", "release a lease", call)
+
+    async def _keepalive(self, lease_id: int) -> int:
+        """One keep-alive: the lease's remaining TTL, 0 when it has expired."""
+        async def call() -> Any:
+            stream = self._lease_stub().LeaseKeepAlive(timeout=self._timeout,
+                                                       metadata=self._metadata)
+            try:
+                await stream.write(rpc.LeaseKeepAliveRequest(ID=lease_id))
+                return await stream.read()
+            finally:
+                stream.cancel()
+        response = await self._call("refresh", "refresh a lease", call)
+        return 0 if response is grpc.aio.EOF else int(response.TTL)
+
+    async def _owns(self, raw: bytes, lease_id: int) -> bool:
+        async def call() -> Any:
+            return await self._kv().Range(rpc.RangeRequest(key=raw), timeout=self._timeout,
+                                          metadata=self._metadata)
+        response = await self._call("refresh", "read a lock", call)
+        return bool(response.kvs) and response.kvs[0].lease == lease_id
+
+    async def lock_holders(self) -> list[tuple[str, str, int]]:
+        """(lock name, holder, token) of every lock held now (for `cluster status`)."""
+        holders = []
+        for item in await self.scan(LOCKS):
+            try:
+                holder = str(json.loads(item.value).get("holder", "?"))
+            except ValueError:
+                holder = "?"
+            holders.append((item.key[len(LOCKS):], holder, item.revision))
+        return holders
+
+    async def health(self) -> str:
+        """One line about the etcd member we talk to (version, leader, db size)."""
+        async def call() -> Any:
+            return await rpc.MaintenanceStub(self._open_channel()).Status(
+                rpc.StatusRequest(), timeout=self._timeout, metadata=self._metadata)
+        status = await self._call("status", "read its status", call)
+        leader = "has a leader" if status.leader else "NO LEADER"
+        return (f"etcd {status.version} at {self.where}: {leader}, raft term "
+                f"{status.raftTerm}, db {status.dbSize / 1e6:.1f} MB")
+
+    async def close(self) -> None:
+        if self._closed:
+            return
+        for lease_id in list(self._leases):
+            try:
+                await self._revoke(lease_id)
+            except StoreError as exc:
+                log.warning("could not release a lease at close (it expires by itself): "
+                            "%s", exc)
+        self._closed = True
+        for call in list(self._watches):
+            call.cancel()
+        if self._channel is not None:
+            await self._channel.close(grace=0.5)
+
+
+class EtcdLease:
+    """A lock held in an EtcdStore. `token` is the revision that created the lock key."""
+
+    __slots__ = ("_lease_id", "_raw", "_store", "token")
+
+    def __init__(self, store: EtcdStore, raw: bytes, lease_id: int, token: int) -> None:
+        self._store, self._raw, self._lease_id = store, raw, lease_id
+        self.token = token
+
+    def __repr__(self) -> str:
+        return f"EtcdLease({self._store._unkey(self._raw)!r}, token={self.token})"
+
+    async def refresh(self) -> bool:
+        """Keep the lease alive; False once it expired or the key is no longer ours."""
+        if self._lease_id not in self._store._leases:
+            return False  # released
+        if await self._store._keepalive(self._lease_id) <= 0:
+            self._store._leases.discard(self._lease_id)
+            return False
+        return await self._store._owns(self._raw, self._lease_id)
+
+    async def release(self) -> None:
+        """Revoking the lease deletes the lock key if (and only if) it is still ours."""
+        if self._lease_id in self._store._leases:
+            await self._store._revoke(self._lease_id)
