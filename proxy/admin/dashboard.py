@@ -1,0 +1,222 @@
+"""The dashboard's routes: log in and out, the domains table, one domain's page and its
+forms (add, upload a custom certificate, remove), each form checked against the
+session's CSRF token before anything changes.
+
+Rules and error words come from proxy.registry (the CLI's); the HTML from pages.py.
+"""
+
+from __future__ import annotations
+
+import logging
+import secrets
+import time
+from collections.abc import Callable
+from urllib.parse import quote, unquote
+
+from proxy import names
+from proxy.admin import forms, pages
+from proxy.admin.auth import LOGIN_COOKIE, SESSION_COOKIE, Auth, Session
+from proxy.admin.wire import HttpError, Request, Response
+from proxy.errors import BundleError, InvalidName, RegistryError
+from proxy.registry import Registry
+
+log = logging.getLogger("tlsedge.admin")
+
+# The supervisor's reload: None when accepted, else why it was refused.
+Reload = Callable[[], str | None]
+
+# Messages after a successful form, picked by a fixed key (nothing is echoed back).
+DONE = {
+    "added": "Domain added. Let's Encrypt starts once its DNS points at this platform.",
+    "certificate": "Custom certificate validated: it is now in use.",
+    "certificate-removed": "Custom certificate removed; Let's Encrypt takes over.",
+    "removed": "Domain removed.",
+    "reloaded": "Configuration and platform certificates reloaded.",
+}
+
+
+def html_response(status: int, body: str, headers: list[tuple[str, str]] | None = None
+                  ) -> Response:
+    return Response(status, body.encode(), "text/html; charset=utf-8", headers or [])
+
+
+def redirect(location: str, headers: list[tuple[str, str]] | None = None) -> Response:
+    return Response(303, b"", "text/plain; charset=utf-8",
+                    [("Location", location), *(headers or [])])
+
+
+def domain_path(name: str) -> str:
+    return "/domains/" + quote(name, safe="")
+
+
+class Dashboard:
+    """Server-rendered pages behind the session cookie (or a bearer token)."""
+
+    def __init__(self, auth: Auth, registry: Callable[[], Registry], reload: Reload, *,
+                 secure: bool, clock: Callable[[], float] = time.time) -> None:
+        self.auth = auth
+        self.registry = registry
+        self.reload = reload
+        self.secure = secure
+        self.clock = clock
+
+    def cookie(self, name: str, value: str, *, max_age: int, path: str = "/"
+               ) -> tuple[str, str]:
+        attrs = f"{name}={value}; Path={path}; Max-Age={max_age}; HttpOnly; SameSite=Strict"
+        return ("Set-Cookie", attrs + ("; Secure" if self.secure else ""))
+
+    async def route(self, request: Request, nonce: str) -> Response:
+        parts = [unquote(p) for p in request.path.strip("/").split("/")]
+        method = "GET" if request.method == "HEAD" else request.method
+        if parts == ["login"] and method == "GET":
+            return self._login_form(request, nonce)
+        if parts == ["login"] and method == "POST":
+            return self._login(request, nonce)
+        if parts == ["favicon.ico"]:
+            raise HttpError(404, "no icon")
+        session = self.auth.authenticate(request)
+        csrf = session.csrf if session is not None else ""
+        registry = self.registry()
+        match parts, method:
+            case [""], "GET":
+                return redirect("/domains")
+            case ["domains"], "GET":
+                return await self._domains(registry, nonce, csrf,
+                                           ok=DONE.get(request.query.get("done", "")))
+            case ["domains"], "POST":
+                return await self._add(registry, request, session, nonce)
+            case ["domains", raw], "GET":
+                name = await self._existing(registry, raw)
+                return html_response(200, pages.domain_page(
+                    await registry.view(name), nonce=nonce, csrf=csrf, now=self.clock(),
+                    ok=DONE.get(request.query.get("done", ""))))
+            case ["domains", raw, "certificate"], "POST":
+                name = await self._existing(registry, raw)
+                return await self._upload(registry, request, session, name, nonce)
+            case ["domains", raw, "certificate", "delete"], "POST":
+                name = await self._existing(registry, raw)
+                self._form_csrf(session, forms.form_fields(request))
+                await registry.remove_custom_certificate(name)
+                log.info("admin: custom certificate of %s removed", name)
+                return redirect(domain_path(name) + "?done=certificate-removed")
+            case ["domains", raw, "delete"], "POST":
+                name = await self._existing(registry, raw)
+                self._form_csrf(session, forms.form_fields(request))
+                await registry.remove_domain(name)
+                log.info("admin: domain %s removed", name)
+                return redirect("/domains?done=removed")
+            case ["reload"], "POST":
+                self._form_csrf(session, forms.form_fields(request))
+                refused = self.reload()
+                if refused is not None:
+                    return await self._domains(registry, nonce, csrf,
+                                               error=f"reload refused: {refused}", status=409)
+                return redirect("/domains?done=reloaded")
+            case ["logout"], "POST":
+                self._form_csrf(session, forms.form_fields(request))
+                if session is not None:
+                    self.auth.sessions.drop(session.id)
+                return redirect("/login", [self.cookie(SESSION_COOKIE, "", max_age=0)])
+        raise HttpError(404, f"no page at {request.path}")
+
+    @staticmethod
+    def _form_csrf(session: Session | None, fields: dict[str, str]) -> None:
+        if session is not None and not session.csrf_ok(fields.get("csrf", "")):
+            raise HttpError(403, "the form's CSRF token is missing or wrong; reload the page "
+                            "and try again")
+
+    @staticmethod
+    async def _existing(registry: Registry, raw: str) -> str:
+        try:
+            name = names.normalize(raw)
+        except InvalidName as exc:
+            raise HttpError(404, str(exc)) from None
+        if await registry.domain(name) is None:
+            raise HttpError(404, f"domain {name} does not exist")
+        return name
+
+    async def _domains(self, registry: Registry, nonce: str, csrf: str, *,
+                       error: str | None = None, ok: str | None = None,
+                       status: int = 200) -> Response:
+        body = pages.domains_page(await registry.views(), await registry.apps(), nonce=nonce,
+                                  csrf=csrf, now=self.clock(), error=error, ok=ok)
+        return html_response(status, body)
+
+    async def _add(self, registry: Registry, request: Request, session: Session | None,
+                   nonce: str) -> Response:
+        fields = forms.form_fields(request)
+        self._form_csrf(session, fields)
+        try:
+            view = await registry.add_domain(fields.get("name", ""), fields.get("app", ""))
+        except (RegistryError, BundleError) as exc:
+            return await self._domains(registry, nonce, session.csrf if session else "",
+                                       error=str(exc), status=400)
+        log.info("admin: domain %s added to %s", view.name, view.app)
+        return redirect(domain_path(view.name) + "?done=added")
+
+    async def _upload(self, registry: Registry, request: Request, session: Session | None,
+                      name: str, nonce: str) -> Response:
+        """Validate and store an uploaded pair; errors are shown next to the form, in the
+        registry's words (the same the CLI prints)."""
+        try:
+            parts = forms.multipart(request)
+            csrf = parts.get("csrf")
+            self._form_csrf(session, {"csrf": csrf.data.decode("utf-8", "replace")}
+                            if csrf is not None else {})
+            chain, key = forms.pem_pair(parts)
+            await registry.set_custom_certificate(name, chain, key)
+        except (RegistryError, BundleError) as exc:
+            error, status = str(exc), 400
+        except HttpError as exc:
+            if exc.status in (401, 403, 429):
+                raise
+            error, status = exc.message, exc.status
+        else:
+            log.info("admin: custom certificate of %s uploaded", name)
+            return redirect(domain_path(name) + "?done=certificate")
+        body = pages.domain_page(await registry.view(name), nonce=nonce,
+                                 csrf=session.csrf if session else "", now=self.clock(),
+                                 error=error)
+        return html_response(status, body)
+
+    # -- login ------------------------------------------------------------------------
+    def _login_form(self, request: Request, nonce: str, *, error: str | None = None,
+                    status: int = 200) -> Response:
+        if status == 200 and self.auth.sessions.get(request.cookies.get(SESSION_COOKIE, "")):
+            return redirect("/domains")
+        # Double-submit token: the form and a cookie only this origin can set must agree.
+        login_csrf = secrets.token_urlsafe(24)
+        return html_response(status, pages.login_page(nonce=nonce, login_csrf=login_csrf,
+                                                      error=error),
+                             [self.cookie(LOGIN_COOKIE, login_csrf, max_age=3600,
+                                          path="/login")])
+
+    def _login(self, request: Request, nonce: str) -> Response:
+        fields = forms.form_fields(request)
+        expected = request.cookies.get(LOGIN_COOKIE, "")
+        if not expected or not secrets.compare_digest(fields.get("csrf", ""), expected):
+            return self._login_form(request, nonce, status=403,
+                                    error="The login form expired; try again.")
+        try:
+            self.auth.check_token(request.client, fields.get("token", "").strip())
+        except HttpError as exc:
+            if exc.status != 401:
+                raise
+            return self._login_form(request, nonce, status=401, error="Wrong admin token.")
+        session = self.auth.sessions.create()
+        log.info("admin: dashboard login from %s", request.client)
+        return redirect("/domains", [
+            self.cookie(SESSION_COOKIE, session.id, max_age=int(self.auth.sessions.ttl)),
+            self.cookie(LOGIN_COOKIE, "", max_age=0, path="/login")])
+
+    def error_page(self, exc: HttpError, nonce: str, request: Request) -> Response:
+        if exc.status == 401 and request.method in ("GET", "HEAD"):
+            return redirect("/login")
+        if exc.status == 429 and request.path == "/login":
+            return html_response(429, pages.login_page(
+                nonce=nonce, login_csrf="", error=exc.message[0].upper() + exc.message[1:]
+                + "."), exc.headers)
+        titles = {401: "Log in first", 403: "Refused", 404: "Not found", 429: "Slow down"}
+        title = titles.get(exc.status, "Request refused")
+        return html_response(exc.status, pages.message_page(title, exc.message, nonce=nonce),
+                             exc.headers)
