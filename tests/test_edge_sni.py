@@ -10,7 +10,7 @@ import pytest
 
 from tests.certgen import Issued
 from tests.conftest import PLATFORM
-from tests.support.edge import Edge
+from tests.support.edge import Edge, read_response, send_request
 
 CASES = [
     ("exact custom name", "www.shop.test", "shop"),
@@ -89,3 +89,22 @@ def test_alpn_offers_http11(edge: Edge) -> None:
     with socket.create_connection(("127.0.0.1", edge.https_port)) as raw, \
             ctx.wrap_socket(raw, server_hostname="www.shop.test") as s:
         assert s.selected_alpn_protocol() == "http/1.1"
+
+
+def _ticket_received(edge: Edge) -> bool:
+    with edge.tls_connect("www.shop.test") as s:
+        send_request(s, "www.shop.test")
+        read_response(s)  # tickets arrive after the handshake, before our response
+        return s.session is not None and s.session.has_ticket
+
+
+def test_session_tickets_follow_the_configured_policy(
+        tmp_path: Path, edge: Edge, edge_config: tuple[dict[str, Any], dict[str, Issued]]) -> None:
+    # Default: no TLS 1.3 tickets (measured cheaper for this server).
+    assert _ticket_received(edge) is False
+    config, _ = edge_config
+    config["tls"]["session_tickets"] = 2
+    other = tmp_path / "tickets"
+    other.mkdir()
+    with Edge(other, config) as with_tickets:
+        assert _ticket_received(with_tickets) is True
