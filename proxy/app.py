@@ -21,14 +21,13 @@ from typing import TYPE_CHECKING
 
 from proxy import config as config_mod
 from proxy import metrics
-from proxy.certs.table import CertEntry
 from proxy.config import Config, parse_address
 from proxy.errors import TlsEdgeError
 from proxy.registry import Registry, derive_view
 from proxy.store import check_store, open_store
 from proxy.store import records as rec
 from proxy.store.base import Store
-from proxy.sync import StoreFollower, compose, load_state, load_static
+from proxy.sync import StoreFollower, load_state, load_static, store_expiry
 
 if TYPE_CHECKING:
     from proxy.admin.server import AdminServer
@@ -261,14 +260,13 @@ class Supervisor:
         """Follow the store (for metrics) and run this node's certificate lifecycle."""
         config = self.snapshot.config
         store = self.store = self.store or open_store(config)
-        state = await load_state(store)
-        entries: dict[str, CertEntry] = {}
+        # Metadata only (no PEM): the supervisor serves no TLS. Its load runs after the
+        # workers are ready, off the path to the first handshake.
+        state = await load_state(store, with_pem=False)
 
         def changed() -> None:
             now = time.time()
-            composed = compose(self.snapshot, state, entries, now)
-            self.expiry = [(e.bundle.primary_name, e.source, e.bundle.not_after)
-                           for e in composed.certs.entries()]
+            self.expiry = self.snapshot.expiry() + store_expiry(state, now)
             counts: dict[tuple[str, str], int] = {}
             for name, domain in state.domains.items():
                 view = derive_view(domain, state.certs.get(rec.cert_key(name, "custom")),

@@ -40,7 +40,7 @@ class CertView:
     fingerprint: str
 
     @classmethod
-    def of(cls, record: rec.CertRecord) -> CertView:
+    def of(cls, record: rec.CertMeta) -> CertView:
         return cls(record.source, record.names, record.issuer, record.not_before,
                    record.not_after, record.fingerprint)
 
@@ -70,8 +70,8 @@ class DomainView:
         return data
 
 
-def derive_view(domain: rec.DomainRecord, custom: rec.CertRecord | None,
-                acme: rec.CertRecord | None, status: rec.StatusRecord | None,
+def derive_view(domain: rec.DomainRecord, custom: rec.CertMeta | None,
+                acme: rec.CertMeta | None, status: rec.StatusRecord | None,
                 now: float) -> DomainView:
     """Combine the stored records into what is true now (serving choice + status)."""
     serving = rec.serving_certificate(custom, acme, now)
@@ -138,9 +138,9 @@ class Registry:
     async def views(self) -> list[DomainView]:
         domains = [rec.decode(i.value, rec.DomainRecord)
                    for i in await self.store.scan(rec.DOMAINS)]
-        certs: dict[str, rec.CertRecord] = {}
+        certs: dict[str, rec.CertMeta] = {}  # metadata only: no key is decoded for a view
         for item in await self.store.scan(rec.CERTS):
-            certs[item.key] = rec.decode(item.value, rec.CertRecord)
+            certs[item.key] = rec.decode(item.value, rec.CertMeta)
         statuses = {i.key: rec.decode(i.value, rec.StatusRecord)
                     for i in await self.store.scan(rec.STATUS)}
         now = self.clock()

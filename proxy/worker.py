@@ -19,7 +19,7 @@ import time
 from typing import Any
 
 from proxy import metrics
-from proxy.certs.table import CertEntry, CertSelector, ContextCache, install_sni_unraisable_hook
+from proxy.certs.table import CertSelector, ContextCache, install_sni_unraisable_hook
 from proxy.certs.tls import base_context
 from proxy.config import parse_address
 from proxy.dataplane.server import Worker
@@ -28,7 +28,15 @@ from proxy.errors import StoreError, TlsEdgeError
 from proxy.store import open_store
 from proxy.store import records as rec
 from proxy.store.base import Store
-from proxy.sync import Snapshot, StoreFollower, StoreState, compose, load_state, load_static
+from proxy.sync import (
+    Composed,
+    Composer,
+    Snapshot,
+    StoreFollower,
+    StoreState,
+    load_state,
+    load_static,
+)
 
 log = logging.getLogger("tlsedge.worker")
 
@@ -49,10 +57,10 @@ class WorkerNode:
         self.static = static
         self.store = store
         self.state = state
-        self._entries: dict[str, CertEntry] = {}
         self._timer: asyncio.TimerHandle | None = None
         self.cache = ContextCache(static.tls, static.config.tls.context_cache_size)
-        composed = compose(static, state, self._entries, time.time())
+        self.composer = Composer()
+        composed = self.composer.full(static, state, time.time())
         selector = CertSelector(composed.certs, self.cache)
         config = static.config
         _, https_port = parse_address(config.listen.https, where="listen.https")
@@ -73,7 +81,13 @@ class WorkerNode:
 
     def recompose(self) -> None:
         """Build new tables from the current static snapshot and store state; swap."""
-        composed = compose(self.static, self.state, self._entries, time.time())
+        self._swap(self.composer.full(self.static, self.state, time.time()))
+
+    def apply_store_changes(self) -> None:
+        """After a batch of store events: re-derive only the domains they named; swap."""
+        self._swap(self.composer.update(self.static, self.state, time.time()))
+
+    def _swap(self, composed: Composed) -> None:
         live = self.live
         live.selector.swap(composed.certs)
         live.routes = composed.routes
@@ -129,7 +143,7 @@ async def serve(config_path: str, https_fd: int, http_fd: int, ready_fd: int) ->
     store = open_store(static.config)
     state = await load_state(store)
     node = WorkerNode(config_path, static, store, state)
-    follower = StoreFollower(store, state, node.recompose)
+    follower = StoreFollower(store, state, node.apply_store_changes)
     follow = asyncio.create_task(follower.run(), name="store-follower")
     worker = Worker(node.live, socket.socket(fileno=https_fd), socket.socket(fileno=http_fd))
     await worker.start()

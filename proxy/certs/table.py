@@ -33,19 +33,28 @@ _INTERNAL = ssl.ALERT_DESCRIPTION_INTERNAL_ERROR
 
 
 class CertEntry:
-    """One certificate in the table and where it came from."""
+    """One certificate in the table and where it came from.
 
-    __slots__ = ("bundle", "source")
+    `fingerprint` is a plain attribute: the SNI callback reads it on every handshake.
+    A subclass may hold its certificate in another form and make `bundle` build it on
+    demand (sync's store entries do: 100,000 of them must not each hold a parsed
+    bundle); `bundle` is then only read when a context is built, or off the hot path.
+    """
+
+    __slots__ = ("_bundle", "fingerprint", "not_after", "not_before", "source")
 
     def __init__(self, bundle: CertBundle, source: str) -> None:
         if source not in SOURCES:
             raise ValueError(f"unknown certificate source {source!r}")
-        self.bundle = bundle
+        self._bundle = bundle
+        self.fingerprint = bundle.fingerprint
+        self.not_before = bundle.not_before
+        self.not_after = bundle.not_after
         self.source = source
 
     @property
-    def fingerprint(self) -> str:
-        return self.bundle.fingerprint
+    def bundle(self) -> CertBundle:
+        return self._bundle
 
     def __repr__(self) -> str:
         return f"CertEntry({self.bundle.primary_name!r}, {self.source!r})"
@@ -70,13 +79,13 @@ class ContextCache:
 
     def get(self, entry: CertEntry) -> ssl.SSLContext:
         """The entry's context; builds it on a miss (BundleError if OpenSSL refuses)."""
-        fingerprint = entry.bundle.fingerprint
+        fingerprint = entry.fingerprint
         contexts = self._contexts
         ctx = contexts.get(fingerprint)
         if ctx is not None:
             contexts.move_to_end(fingerprint)
             return ctx
-        bundle = entry.bundle
+        bundle = entry.bundle  # a store entry decodes its record here, from memory (~5 us)
         ctx = server_context(bundle.chain_pem, bundle.key_pem, self._settings)
         CONTEXT_BUILDS.inc()
         contexts[fingerprint] = ctx
@@ -157,6 +166,11 @@ class CertTable:
     @property
     def default(self) -> CertEntry | None:
         return self._default
+
+    def indexes(self) -> tuple[dict[str, CertEntry], dict[str, CertEntry]]:
+        """Copies of (exact, wildcard) as the constructor takes them, for a caller that
+        builds the next table by changing a few names (sync.Composer)."""
+        return dict(self._exact), dict(self._wild)
 
     def entries(self) -> list[CertEntry]:
         """Distinct entries (the default included), in first-indexed order."""

@@ -11,6 +11,13 @@ Layout of the store directory (0700; every file 0600, created so, never chmod-ed
                   store's revision and `revision - base` is the number of entries kept
     data/         one file per record: `certs/a.example/acme` -> data/certs.d/a.example.d/acme.rec
                   holding "tlsedge-record 1 <revision> <length>\\n" + the raw value
+    checkpoints/  `<segment>.ckpt`: every record under `<segment>/` at one revision, in one
+                  file (store/checkpoint.py). A scan of a whole segment reads it and then
+                  only the records the change log names after that revision: 100,000
+                  certificates cost one sequential read (~0.3 s) instead of a walk over
+                  200,000 files (~3 s warm, far more cold). Rewritten when the log is
+                  compacted and when a scan finds it far behind; never needed for
+                  correctness (missing, damaged or too old: the scan walks the files).
 
 Distinct suffixes (".d", ".rec", ".tmp") keep a key and the keys below it (`a`, `a/b`) and
 temporary files from ever sharing a name. A write, under LOCK_EX: append + fdatasync the
@@ -29,6 +36,7 @@ import logging
 import os
 import secrets
 import socket
+import threading
 import time
 from collections.abc import AsyncIterator, Callable, Iterator
 from dataclasses import dataclass
@@ -36,6 +44,7 @@ from pathlib import Path
 from typing import ParamSpec, TypeVar
 
 from proxy.errors import ConflictError, LockTimeout, StoreError
+from proxy.store import checkpoint
 from proxy.store.base import Compacted, Event, Item
 from proxy.store.keys import check_prefix as _check_prefix
 from proxy.store.keys import split_key as _split_key
@@ -51,6 +60,9 @@ _LOCK_POLL = 0.05
 _BATCH = 4096  # log entries handled per LOCK_SH hold, so a catching-up watcher never
 #                holds writers off for long
 _READ_MAX = 1 << 20
+# A scan that walked a segment of at least this many records, or replayed more changed
+# keys than this on top of its checkpoint, writes a fresh checkpoint (outside the lock).
+_CHECKPOINT_AFTER = 1_000
 
 P = ParamSpec("P")
 T = TypeVar("T")
@@ -78,6 +90,10 @@ def _read_record(path: str, *, header_only: bool = False) -> tuple[int, bytes] |
     if not header_only and len(value) != length:
         raise StoreError(f"record file {path} is damaged ({len(value)} of {length} bytes)")
     return revision, value
+
+
+def _item_key(item: Item) -> str:
+    return item.key
 
 
 def _parse_entry(line: bytes) -> tuple[int, bool, str]:
@@ -168,6 +184,7 @@ class FileStore:
         self._root = str(Path(path).absolute())
         self._data = os.path.join(self._root, "data")
         self._lock_path = os.path.join(self._root, "lock")
+        self._checkpoints = os.path.join(self._root, "checkpoints")
         self._log_path = os.path.join(self._root, "changes.log")
         self._poll_interval = poll_interval
         self._keep_changes = keep_changes
@@ -283,13 +300,138 @@ class FileStore:
         found.sort()
         return found
 
-    def _scan_sync(self, prefix: str) -> list[Item]:
+    def _read_walk(self, prefix: str) -> list[Item]:
         items = []
         for key, path in self._walk(prefix):
             record = _read_record(path)
             if record is not None:
                 items.append(Item(key, record[1], record[0]))
         return items
+
+    def _scan_sync(self, prefix: str) -> list[Item]:
+        head, slash, rest = prefix.partition("/")
+        if rest:  # inside one segment (say one domain's certificates): few files
+            return self._read_walk(prefix)
+        if slash:
+            return self._scan_segment(head)
+        items = []
+        for segment in self._segments(head):
+            items += self._scan_segment(segment)
+        with contextlib.suppress(FileNotFoundError):
+            for entry in os.scandir(self._data):  # one-segment keys ("domains") are files
+                name = entry.name
+                if name.endswith(_REC) and name.startswith(head):
+                    record = _read_record(entry.path)
+                    if record is not None:
+                        items.append(Item(name[:-len(_REC)], record[1], record[0]))
+        items.sort(key=_item_key)
+        return items
+
+    def _segments(self, partial: str) -> list[str]:
+        """Top-level key segments starting with `partial` (with records or a checkpoint)."""
+        names: set[str] = set()
+        for directory, suffix in ((self._data, _DIR), (self._checkpoints, checkpoint.SUFFIX)):
+            with contextlib.suppress(FileNotFoundError):
+                for entry in os.scandir(directory):
+                    if entry.name.endswith(suffix) and entry.name.startswith(partial):
+                        names.add(entry.name[:-len(suffix)])
+        return sorted(names)
+
+    def _checkpoint_path(self, segment: str) -> str:
+        return os.path.join(self._checkpoints, segment + checkpoint.SUFFIX)
+
+    def _scan_segment(self, segment: str) -> list[Item]:
+        """Every record under `segment/`: its checkpoint (or a lock-free walk at a revision
+        read first), then, under LOCK_SH, the records the log names after that revision.
+        A write that lands during the walk logs its entry after that revision, so the
+        catch-up re-reads its key: the result is the store as of the log's last entry."""
+        found = checkpoint.read(self._checkpoint_path(segment))
+        walked = found is None
+        if found is None:
+            found = self._revision_sync(), self._read_walk(segment + "/")
+        with self._flock(fcntl.LOCK_SH):
+            caught_up = self._catch_up(segment, *found)
+            if caught_up is None:  # the log was compacted past it: walk again, locked
+                caught_up = self._tail_locked(), self._read_walk(segment + "/"), 0
+                walked = True
+        revision, items, replayed = caught_up
+        if (walked and len(items) >= _CHECKPOINT_AFTER) or replayed > _CHECKPOINT_AFTER:
+            # In the background: the caller is typically a process starting up, and
+            # writing 130 MB (fsync included) would delay it by ~0.5 s.
+            threading.Thread(target=self._write_checkpoint, name="store-checkpoint",
+                             args=(segment, revision, items), daemon=True).start()
+        return items
+
+    def _tail_locked(self) -> int:
+        fd = os.open(self._log_path, os.O_RDONLY | os.O_CLOEXEC)
+        try:
+            return _read_tail(fd).revision
+        finally:
+            os.close(fd)
+
+    def _catch_up(self, segment: str, after: int, items: list[Item]
+                  ) -> tuple[int, list[Item], int] | None:
+        """(revision, items, keys re-read): `items` (the segment at `after`) brought up to
+        the log's last entry; None when the log no longer covers `after`. The caller
+        holds the lock (shared or exclusive)."""
+        fd = os.open(self._log_path, os.O_RDONLY | os.O_CLOEXEC)
+        try:
+            base, entries_at = _read_header(fd)
+            data = os.pread(fd, os.fstat(fd).st_size, 0)
+        finally:
+            os.close(fd)
+        try:
+            found = checkpoint.changed_since(data, entries_at, base, after, segment + "/")
+        except (ValueError, IndexError):
+            raise StoreError(_DAMAGED_LOG) from None
+        if found is None:
+            return None
+        revision, changed = found
+        if not changed:
+            return revision, items, 0
+        merged = [item for item in items if item.key not in changed]
+        for key in changed:
+            record = _read_record(self._record_path(key.split("/")))
+            if record is not None:
+                merged.append(Item(key, record[1], record[0]))
+        merged.sort(key=_item_key)
+        return revision, merged, len(changed)
+
+    def _write_checkpoint(self, segment: str, revision: int, items: list[Item]) -> None:
+        try:
+            with contextlib.suppress(FileExistsError):
+                os.mkdir(self._checkpoints, 0o700)
+            checkpoint.write(self._checkpoint_path(segment), revision, items)
+        except OSError as exc:  # an accelerator only: scans walk the files meanwhile
+            log.warning("store checkpoint of %s/ not written: %s", segment,
+                        exc.strerror or exc)
+
+    async def checkpoint(self) -> None:
+        """Write a fresh checkpoint of every segment now (FileStore only, not the Store
+        protocol: for tools that just wrote many records, like the benchmark seeder)."""
+        await self._call("write checkpoints", self._checkpoint_all)
+
+    def _checkpoint_all(self) -> None:
+        with self._flock(fcntl.LOCK_SH):
+            self._checkpoint_locked(self._tail_locked(), older_than=None)
+
+    def _checkpoint_locked(self, revision: int, older_than: int | None) -> None:
+        """Checkpoint, at `revision` (the log's last), every segment whose checkpoint is
+        missing or older than `older_than` (None: every segment). Caller holds the lock.
+        A segment of fewer than _CHECKPOINT_AFTER records gets none: walking it is cheap."""
+        for segment in self._segments(""):
+            path = self._checkpoint_path(segment)
+            found = checkpoint.read(path)
+            if found is not None and older_than is not None and found[0] >= older_than:
+                continue
+            caught_up = None if found is None else self._catch_up(segment, *found)
+            items = caught_up[1] if caught_up is not None else self._read_walk(segment + "/")
+            if len(items) >= _CHECKPOINT_AFTER:
+                self._write_checkpoint(segment, revision, items)
+            elif found is not None:
+                with contextlib.suppress(FileNotFoundError):
+                    os.unlink(path)
+        checkpoint.remove_stale_temporaries(self._checkpoints, time.time() - 600)
 
     # -- writes ----------------------------------------------------------------------------
 
@@ -387,8 +529,10 @@ class FileStore:
         _fsync_dir(self._root)
 
     def _compact(self, fd: int, revision: int) -> None:
-        """Keep the newest half of the change log (under LOCK_EX)."""
+        """Keep the newest half of the change log (under LOCK_EX), after checkpointing
+        every segment whose checkpoint the shorter log would no longer reach."""
         keep_from = revision - self._keep_changes // 2 + 1
+        self._checkpoint_locked(revision, older_than=keep_from - 1)
         size = os.fstat(fd).st_size
         lines = os.pread(fd, size, 0).split(b"\n")
         base = int(lines[0][len(_LOG_MAGIC):])

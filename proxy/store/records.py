@@ -6,7 +6,7 @@ The one place that knows the key layout (`domains/<name>`, `certs/<name>/custom`
 
 from __future__ import annotations
 
-from typing import Literal, TypeVar
+from typing import Literal, Protocol, TypeVar
 
 import msgspec
 
@@ -44,19 +44,26 @@ class AppRecord(Record, frozen=True):
     canonical_domain: str | None = None
 
 
-class CertRecord(Record, frozen=True):
-    """A certificate chain and key, with the metadata needed to serve it unparsed."""
+class CertMeta(Record, frozen=True):
+    """What a certificate record says about the certificate, without the PEM: decoded
+    from a CertRecord's JSON (msgspec skips the PEM fields). For views and metrics:
+    the supervisor keeps 100,000 of these (~0.6 kB each), never a key."""
 
     domain: str
     source: CertSource
-    chain_pem: str
-    key_pem: str
     names: tuple[str, ...]
     not_before: float
     not_after: float
     fingerprint: str
     issuer: str
     key_type: str
+
+
+class CertRecord(CertMeta, frozen=True):
+    """A certificate chain and key, with the metadata needed to serve it unparsed."""
+
+    chain_pem: str
+    key_pem: str
     stored_at: float = 0.0
 
     @classmethod
@@ -155,8 +162,21 @@ def decode(data: bytes, kind: type[T]) -> T:
     return msgspec.json.decode(data, type=kind)
 
 
-def serving_certificate(custom: CertRecord | None, acme: CertRecord | None,
-                        now: float) -> CertRecord | None:
+class Validity(Protocol):
+    """What the serving rule reads: a CertMeta, or a worker's certificate entry."""
+
+    @property
+    def source(self) -> str: ...
+    @property
+    def not_before(self) -> float: ...
+    @property
+    def not_after(self) -> float: ...
+
+
+V = TypeVar("V", bound=Validity)
+
+
+def serving_certificate(custom: V | None, acme: V | None, now: float) -> V | None:
     """The product rule for which certificate a custom domain is served with.
 
     A custom certificate wins while it is valid; otherwise the ACME one (if valid);

@@ -1,0 +1,237 @@
+"""What start-up at 100,000 certificates relies on (issue 5, issue 6 point 4): a FileStore
+scan through a checkpoint returns exactly what walking the record files returns; a
+worker serves a store certificate from memory alone (no file, no store, in the SNI
+callback); and the memory kept per certificate stays under a measured bound.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import gc
+import os
+import secrets
+import sys
+import time
+import tracemalloc
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from proxy.certs.bundle import load_bundle
+from proxy.certs.table import CertSelector, CertTable, ContextCache
+from proxy.store import files
+from proxy.store import records as rec
+from proxy.store.base import Item
+from proxy.store.files import FileStore
+from proxy.sync import StoreState, load_state, store_expiry
+from tests.certgen import CA
+from tests.test_table import SETTINGS, served_fingerprint, tls_server
+
+
+def _scan_both(path: Path, prefix: str) -> tuple[list[Item], list[Item]]:
+    """(scan as the store answers it, scan by walking every record file)."""
+    store = FileStore(path)
+    return store._scan_sync(prefix), store._read_walk(prefix)
+
+
+def _pairs(items: list[Item]) -> list[tuple[str, bytes, int]]:
+    return [(i.key, i.value, i.revision) for i in items]
+
+
+def test_scan_through_a_checkpoint_equals_walking_the_record_files(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(files, "_CHECKPOINT_AFTER", 5)
+    path = tmp_path / "store"
+
+    async def body() -> None:
+        store = await FileStore.open(path, keep_changes=40)
+        for i in range(30):  # compactions write checkpoints on the way
+            await store.put(f"certs/d{i}.example/acme", b"v1-%d" % i)
+            await store.put(f"domains/d{i}.example", b"{}")
+        checkpointed = sorted(os.listdir(path / "checkpoints"))
+        assert checkpointed == ["certs.ckpt", "domains.ckpt"]
+        # Changes after the checkpoint: updates, deletes, new keys, a top-level key.
+        for i in range(0, 30, 3):
+            await store.put(f"certs/d{i}.example/acme", b"v2-%d" % i)
+        for i in range(1, 30, 7):
+            await store.delete(f"certs/d{i}.example/acme")
+        await store.put("certs/new.example/custom", b"new")
+        await store.put("certsx", b"top")
+        await store.close()
+
+    asyncio.run(body())
+    for prefix in ("certs/", "domains/", "", "cert"):
+        scanned, walked = _scan_both(path, prefix)
+        assert _pairs(scanned) == _pairs(walked), prefix
+    assert [i.key for i in FileStore(path)._scan_sync("cert")][-1] == "certsx"
+
+
+def test_a_damaged_or_outdated_checkpoint_is_ignored(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(files, "_CHECKPOINT_AFTER", 5)
+    path = tmp_path / "store"
+
+    async def fill(start: int, count: int) -> None:
+        store = await FileStore.open(path, keep_changes=20)
+        for i in range(start, start + count):
+            await store.put(f"certs/d{i % 12}.example/acme", b"x%d" % i)
+        await store.close()
+
+    asyncio.run(fill(0, 12))
+    store = FileStore(path, keep_changes=20)
+    asyncio.run(store.checkpoint())
+    ckpt = path / "checkpoints" / "certs.ckpt"
+    good = ckpt.read_bytes()
+    ckpt.write_bytes(good[:-3])  # truncated
+    assert _pairs(store._scan_sync("certs/")) == _pairs(store._read_walk("certs/"))
+    # Left behind by 40 writes (two compactions) it would name revisions the log lost.
+    ckpt.write_bytes(good)
+    monkeypatch.setattr(files.FileStore, "_checkpoint_locked", lambda *a, **k: None)
+    asyncio.run(fill(100, 40))
+    assert files.checkpoint.read(str(ckpt)) is not None
+    assert _pairs(store._scan_sync("certs/")) == _pairs(store._read_walk("certs/"))
+    assert {i.value for i in store._scan_sync("certs/")} == {b"x%d" % i
+                                                            for i in range(128, 140)}
+
+
+def test_a_worker_serves_store_certificates_without_touching_a_file_or_the_store(
+        tmp_path: Path) -> None:
+    ca = CA.new("scale test CA")
+    issued = {name: ca.issue([name]) for name in ("a.example", "b.example")}
+
+    async def load() -> StoreState:
+        store = await FileStore.open(tmp_path / "store")
+        for name, cert in issued.items():
+            bundle = load_bundle(cert.chain_pem, cert.key_pem)
+            await store.put(rec.domain_key(name), rec.encode(rec.DomainRecord(
+                name=name, app="app")))
+            await store.put(rec.cert_key(name, "acme"), rec.encode(
+                rec.CertRecord.from_bundle(name, "acme", bundle, time.time())))
+        state = await load_state(store)
+        await store.close()
+        return state
+
+    state = asyncio.run(load())
+    for path in sorted((tmp_path / "store").rglob("*"), reverse=True):  # store gone
+        path.unlink() if path.is_file() else path.rmdir()
+    table = CertTable.build({name: state.entries[rec.cert_key(name, "acme")]
+                             for name in issued}, None)
+    opened: list[tuple[str, Any]] = []
+    inside = False
+
+    def audit(event: str, args: Any) -> None:
+        if inside and event in ("open", "os.listdir", "os.scandir", "socket.connect"):
+            opened.append((event, args))
+
+    class Watched(CertSelector):
+        __slots__ = ()
+
+        def sni_callback(self, *args: Any) -> int | None:
+            nonlocal inside
+            inside = True
+            try:
+                return super().sni_callback(*args)
+            finally:
+                inside = False
+
+    sys.addaudithook(audit)  # stays for the process; records only inside the callback
+    selector = Watched(table, ContextCache(SETTINGS))
+    with tls_server(selector) as port:
+        for name, cert in issued.items():
+            assert served_fingerprint(port, name) == cert.fingerprint
+    assert opened == []
+    assert len(selector.cache) == 2  # both built inside the callback, from memory
+
+
+def _fake_records(count: int) -> list[tuple[str, bytes]]:
+    """Domain + certificate records of real sizes (an ECDSA leaf, a PKCS8 key); the PEM is
+    random base64, which no code under test parses."""
+    def pem(label: str, size: int) -> str:
+        body = secrets.token_urlsafe(size)[:size]
+        lines = [body[i:i + 64] for i in range(0, size, 64)]
+        return f"-----BEGIN {label}-----\n" + "\n".join(lines) + f"\n-----END {label}-----\n"
+
+    out = []
+    now = time.time()
+    for i in range(count):
+        name = f"site{i}.customer{i % 500}.example"
+        out.append((rec.domain_key(name), rec.encode(rec.DomainRecord(
+            name=name, app="app", created_at=now))))
+        out.append((rec.cert_key(name, "acme"), rec.encode(rec.CertRecord(
+            domain=name, source="acme", chain_pem=pem("CERTIFICATE", 548),
+            key_pem=pem("PRIVATE KEY", 184), names=(name,), not_before=now - 60,
+            not_after=now + 86400 * 90, fingerprint=secrets.token_hex(32),
+            issuer="CN=tlsedge benchmark CA", key_type="ecdsa-p256", stored_at=now))))
+    return out
+
+
+@pytest.mark.parametrize(("with_pem", "bound"), [(True, 2300), (False, 1200)])
+def test_memory_kept_per_certificate_stays_bounded(with_pem: bool, bound: int) -> None:
+    """Measured on 10,000 domains, each with its certificate (record JSON ~1.27 kB, as
+    benchmarks/certs.py writes them): ~1.9 kB kept per domain in a worker (the record's
+    bytes and a small entry), ~0.8 kB in the supervisor (metadata, no PEM). The old
+    StoreState held ~3.9 kB (decoded PEM strings plus a bytes copy in every bundle)."""
+    count = 10_000
+    gc.collect()
+    tracemalloc.start()
+    try:
+        records = _fake_records(count)  # allocated while tracing: a worker keeps them
+        state = StoreState(with_pem=with_pem)
+        for key, value in records:
+            state.apply(key, value)
+        del records, key, value
+        gc.collect()
+        kept = tracemalloc.get_traced_memory()[0]
+    finally:
+        tracemalloc.stop()
+    assert len(state.domains) == count
+    assert len(state.entries if with_pem else state.certs) == count
+    assert kept / count < bound, f"{kept / count:.0f} bytes per certificate"
+    if not with_pem:
+        assert len(store_expiry(state, time.time())) == count
+
+
+def test_store_events_recompose_only_the_domains_they_name_with_the_full_result(
+        tmp_path: Path, certs: Any) -> None:
+    import random
+
+    import yaml
+
+    from proxy.sync import Composer, compose, load_static
+
+    _, pcert, pkey = certs(["*.platform.test"], stem="platform")
+    _, scert, skey = certs(["ops.example", "site3.customer3.example"], stem="ops")
+    config = tmp_path / "tlsedge.yaml"
+    config.write_text(yaml.safe_dump({
+        "platform_domain": "platform.test", "store": {"path": str(tmp_path / "store")},
+        "tls": {"platform_certificate": {"cert": pcert, "key": pkey},
+                "certificates": [{"cert": scert, "key": skey}]},
+        "apps": {"app": {"backends": ["127.0.0.1:9"]}, "other": {"backends": ["127.0.0.1:8"]}}}))
+    static = load_static(str(config))
+    records = _fake_records(60)
+    state = StoreState()
+    for key, value in records:
+        state.apply(key, value)
+    composer = Composer()
+    composer.full(static, state, time.time())
+    rng = random.Random(5)
+    names = [key.split("/")[1] for key, _ in records[::2]]
+    for _ in range(40):
+        for _ in range(rng.randint(1, 4)):
+            key, value = rng.choice(records)
+            name = key.split("/")[1]
+            if rng.random() < 0.3:
+                state.apply(key, None)  # a domain or its certificate removed
+            elif key.startswith("domains/") and rng.random() < 0.5:
+                state.apply(key, rec.encode(rec.DomainRecord(name=name, app="other")))
+            else:
+                state.apply(key, value)
+        now = time.time()
+        incremental = composer.update(static, state, now)
+        full = compose(static, state, now)
+        for name in [*names, "ops.example", "x.platform.test"]:
+            assert incremental.certs.lookup(name) == full.certs.lookup(name), name
+        assert ({d: a.name for d, a in incremental.routes.domains.items()}
+                == {d: a.name for d, a in full.routes.domains.items()})
+        assert len(incremental.certs) == len(full.certs)
