@@ -4,11 +4,19 @@ Labels are bounded by configuration (app names, certificate primary names from o
 own table, fixed result words); never by anything a client sends, such as its SNI.
 Workers are separate processes: the CLI sets PROMETHEUS_MULTIPROC_DIR before this
 module is imported, and the supervisor serves the merged view.
+
+Per-request and per-connection counts (requests, upstream latency, handshakes, open
+connections) are gathered in plain Python numbers (`batched_*`) and written into the
+prometheus objects by one timer every FLUSH_INTERVAL (and when a worker drains): a
+scrape may be up to ~1 s behind the traffic, and a worker that dies loses at most its
+last second of them. Everything else is written at once.
 """
 
 from __future__ import annotations
 
+import asyncio
 import os
+from bisect import bisect_left
 from collections.abc import Callable, Iterable
 
 from prometheus_client import Counter, Gauge, Histogram, values
@@ -211,3 +219,119 @@ STORE_LOCK_TIMEOUTS = Counter(
     "tlsedge_store_lock_timeouts_total",
     "Store lock attempts that gave up because another holder had the lock.",
 )
+
+
+# -- batched writes from the data plane's hot path ---------------------------------------
+# In multiprocess mode every inc() is a struct pack + mmap write behind a lock (measured
+# ~0.7 us; a histogram observe ~1.5 us, a labels() lookup ~0.9 us). Per keep-alive
+# request that was ~3 us, per connection ~6 us; the batched forms cost ~0.1 us and the
+# flush is paid once a second.
+FLUSH_INTERVAL = 1.0
+
+
+class BatchedCounter:
+    """Increments of one counter (or gauge) child kept in a Python number until flush.
+
+    Loop-bound, not thread-safe: one worker's event loop owns it.
+    """
+
+    __slots__ = ("child", "pending")
+
+    def __init__(self, child: Counter | Gauge) -> None:
+        self.child = child
+        self.pending = 0.0
+
+    def flush(self) -> None:
+        n, self.pending = self.pending, 0.0
+        if n > 0:
+            self.child.inc(n)
+        elif n < 0 and isinstance(self.child, Gauge):
+            self.child.dec(-n)
+
+
+class BatchedHistogram:
+    """Observations of one histogram child as local bucket counts and a sum until flush.
+
+    Writes the child's bucket and sum values directly (the same values `observe`
+    writes, one write per non-empty bucket instead of two per observation).
+    """
+
+    __slots__ = ("bounds", "child", "counts", "sum")
+
+    def __init__(self, child: Histogram) -> None:
+        self.child = child
+        self.bounds: list[float] = list(child._upper_bounds)
+        self.counts = [0] * len(self.bounds)
+        self.sum = 0.0
+
+    def observe(self, amount: float) -> None:
+        self.counts[bisect_left(self.bounds, amount)] += 1
+        self.sum += amount
+
+    def flush(self) -> None:
+        counts = self.counts
+        if not any(counts):
+            return
+        self.counts = [0] * len(counts)
+        total, self.sum = self.sum, 0.0
+        child = self.child
+        child._sum.inc(total)
+        for i, n in enumerate(counts):
+            if n:
+                child._buckets[i].inc(n)
+
+
+_batched_counters: dict[tuple[object, tuple[str, ...]], BatchedCounter] = {}
+_batched_histograms: dict[tuple[object, tuple[str, ...]], BatchedHistogram] = {}
+_flush_timer: asyncio.TimerHandle | None = None
+
+
+def batched_counter(metric: Counter | Gauge, *labels: str) -> BatchedCounter:
+    """The batched form of `metric.labels(*labels)`; cache the result on the hot path."""
+    key = (metric, labels)
+    batch = _batched_counters.get(key)
+    if batch is None:
+        child = metric.labels(*labels) if labels else metric
+        batch = _batched_counters[key] = BatchedCounter(child)
+    return batch
+
+
+def batched_histogram(metric: Histogram, *labels: str) -> BatchedHistogram:
+    """The batched form of `metric.labels(*labels)`; cache the result on the hot path."""
+    key = (metric, labels)
+    batch = _batched_histograms.get(key)
+    if batch is None:
+        child = metric.labels(*labels) if labels else metric
+        batch = _batched_histograms[key] = BatchedHistogram(child)
+    return batch
+
+
+def flush() -> None:
+    """Write every batched count into the prometheus objects (the scrape's view)."""
+    for counter in _batched_counters.values():
+        if counter.pending:
+            counter.flush()
+    for histogram in _batched_histograms.values():
+        histogram.flush()
+
+
+def start_flushing(loop: asyncio.AbstractEventLoop) -> None:
+    """Flush every FLUSH_INTERVAL on `loop` until `stop_flushing` (idempotent)."""
+    global _flush_timer
+
+    def tick() -> None:
+        global _flush_timer
+        flush()
+        _flush_timer = loop.call_later(FLUSH_INTERVAL, tick)
+
+    if _flush_timer is None:
+        _flush_timer = loop.call_later(FLUSH_INTERVAL, tick)
+
+
+def stop_flushing() -> None:
+    """Stop the timer and write what is pending (at shutdown)."""
+    global _flush_timer
+    if _flush_timer is not None:
+        _flush_timer.cancel()
+        _flush_timer = None
+    flush()

@@ -1,5 +1,7 @@
 """The /metrics scrape of the real `tlsedge run`: every documented metric appears with
 the right labels and counts, summed over workers, and only on the metrics port.
+Per-request and per-connection counts reach the scrape within ~1 s (workers batch
+them), so those are awaited.
 """
 
 from __future__ import annotations
@@ -35,6 +37,8 @@ def test_scrape_after_traffic_has_every_metric_with_the_right_values(
         assert edge.request(APP_HOST, f"/m/{i}")[0] == 200
     assert edge.request("nobody.example.test", "/")[0] == 404  # unknown SNI and Host
     edge.reload(wait_for="reloaded")
+    assert eventually(lambda: edge.metric("tlsedge_requests_total", app="",
+                                          code_class="4xx") == 1)
 
     assert edge.metric("tlsedge_tls_handshakes_total", result="ok", version="TLSv1.3") == 4
     assert edge.metric("tlsedge_tls_handshake_duration_seconds_count") == 4
@@ -69,7 +73,7 @@ def test_active_connections_counts_open_ones_and_returns_to_zero(edge: Edge) -> 
         one.recv(1)
         two.sendall(b"GET / HTTP/1.1\r\nHost: www.shop.test\r\n\r\n")
         two.recv(1)
-        assert active() == 2
+        assert eventually(lambda: active() == 2), active()
     # Peers that leave before or during the handshake are never counted as open.
     for _ in range(5):
         socket.create_connection(("127.0.0.1", edge.https_port)).close()
@@ -89,7 +93,7 @@ def test_metrics_path_on_the_public_port_is_routed_not_answered_with_metrics(
     assert status == 404 and b"tlsedge_" not in body
     # And the metrics listener is its own port, not the HTTPS one.
     assert edge.metrics_port != edge.https_port
-    assert "tlsedge_tls_handshakes_total" in edge.metrics()
+    assert eventually(lambda: "tlsedge_tls_handshakes_total" in edge.metrics())
 
 
 def test_two_workers_report_summed_counts(tmp_path: Path, edge_config: Config,
@@ -104,6 +108,7 @@ def test_two_workers_report_summed_counts(tmp_path: Path, edge_config: Config,
         assert len(pids) == 2
         assert all(backend.port in established_remote_ports(pid) for pid in pids)
         # ...and the scrape adds their counts up.
-        assert edge.metric("tlsedge_requests_total", app="my-app", code_class="2xx") == n
+        assert eventually(lambda: edge.metric("tlsedge_requests_total", app="my-app",
+                                              code_class="2xx") == n)
         assert edge.metric("tlsedge_tls_handshakes_total", result="ok") == n
         assert edge.metric("tlsedge_upstream_response_seconds_count", app="my-app") == n

@@ -6,6 +6,13 @@ response headers the client sees, upstream timeouts and the WebSocket tunnel.
 The client side (today the HTTP/1.1 session; later an HTTP/2 stream) implements
 `ClientSide` and owns framing. Nothing here writes client bytes directly, blocks or
 touches the store.
+
+Two ways through an exchange, same decisions: the fast path (a complete small request
+and an idle pooled connection to the chosen backend) runs entirely in protocol
+callbacks, no task, future or timer; anything else (a new backend connection, a
+streamed body, an upgrade, a retry) runs in one task per exchange. A pooled
+connection found dead on the fast path before any response byte hands the exchange
+over to the task, which retries.
 """
 
 from __future__ import annotations
@@ -19,12 +26,10 @@ import time
 from collections import deque
 from typing import TYPE_CHECKING, Protocol
 
-from prometheus_client import Counter
-
 from proxy import metrics
 from proxy.dataplane.accesslog import AccessLog
 from proxy.dataplane.upstream import BadResponse, PoolFull, UpstreamConnection, UpstreamPool
-from proxy.routing import App
+from proxy.routing import App, Backend, RouteTable
 
 if TYPE_CHECKING:
     from proxy.dataplane.state import Live
@@ -48,6 +53,13 @@ _REQUEST_ID = re.compile(rb"[A-Za-z0-9._:+/=-]{8,128}")
 _BODY_HIGH = 256 * 1024
 _CODE_CLASS = {1: "1xx", 2: "2xx", 3: "3xx", 4: "4xx", 5: "5xx"}
 _HSTS = (b"strict-transport-security", b"max-age=31536000")
+_FORWARDED = (b"x-forwarded-for: %s\r\nx-forwarded-proto: %s\r\nx-forwarded-host: %s\r\n"
+              b"x-forwarded-port: %d\r\nx-request-id: %s\r\nx-request-start: t=%d\r\n\r\n")
+_NO_TOKENS: frozenset[bytes] = frozenset()
+_PLAIN_CONNECTION = frozenset({b"keep-alive", b"close", b"Keep-Alive", b"Close"})
+# A complete request body up to this size is written at once on the fast path; a
+# larger one is pumped by the task with backpressure.
+_FAST_BODY_MAX = 64 * 1024
 
 
 class ClientSide(Protocol):
@@ -61,6 +73,9 @@ class ClientSide(Protocol):
     trusted: bool
     tls_version: str
     access_log: AccessLog | None
+    # The last (Host value, route table, host, app) this client resolved: a connection
+    # asks for the same host again and again (split_host alone measured ~0.3 us).
+    route_memo: tuple[bytes | None, RouteTable, str, App | None] | None
 
     def send_interim(self, req: Request, status: int, reason: bytes) -> None: ...
 
@@ -77,6 +92,10 @@ class ClientSide(Protocol):
     def send_redirect(self, req: Request, location: str) -> bool: ...
 
     def start_tunnel(self, exchange: Exchange) -> None: ...
+
+    def exchange_done(self, exchange: Exchange, keep: bool) -> None: ...
+
+    def watch_by(self, delay: float, now: float) -> None: ...
 
     def tunnel_to_client(self, data: bytes) -> None: ...
 
@@ -149,9 +168,9 @@ class Body:
 class Request:
     """A parsed request head and its body, as any client protocol delivers it."""
 
-    __slots__ = ("body", "chunked", "content_length", "error", "exchange", "headers",
-                 "host", "keep_alive", "method", "started", "tunnel_early", "upgrade",
-                 "url", "version")
+    __slots__ = ("body", "chunked", "connection", "content_length", "error", "exchange",
+                 "headers", "host", "keep_alive", "method", "started", "tunnel_early",
+                 "upgrade", "url", "version")
 
     def __init__(self, session: ClientSide) -> None:
         self.url = b""
@@ -160,6 +179,8 @@ class Request:
         self.version = "1.1"
         self.keep_alive = True
         self.host: bytes | None = None
+        # The Connection header's value(s), joined with commas; None when absent.
+        self.connection: bytes | None = None
         self.chunked = False
         self.content_length: bytes | None = None
         self.upgrade = False
@@ -171,7 +192,8 @@ class Request:
         self.error: tuple[int, str] | None = None
 
 
-_REQUESTS_CHILDREN: dict[tuple[str, int], Counter] = {}
+_REQUESTS_CHILDREN: dict[tuple[str, int], metrics.BatchedCounter] = {}
+_UPSTREAM_SECONDS: dict[str, metrics.BatchedHistogram] = {}
 
 
 # Request ids: a random per-process prefix and a counter. Unique and cheap (no
@@ -185,13 +207,26 @@ def _next_request_id() -> str:
 
 
 def count(app: str, status: int) -> None:
-    """Count one answered request; label children are cached (labels() costs ~1 us)."""
+    """Count one answered request (batched: ~0.1 us instead of ~0.7 us of mmap write)."""
     key = (app, status // 100)
     child = _REQUESTS_CHILDREN.get(key)
     if child is None:
-        child = metrics.REQUESTS.labels(app, _CODE_CLASS.get(status // 100, "5xx"))
+        child = metrics.batched_counter(metrics.REQUESTS, app,
+                                        _CODE_CLASS.get(status // 100, "5xx"))
         _REQUESTS_CHILDREN[key] = child
-    child.inc()
+    child.pending += 1
+
+
+def _observe_upstream(app: str, seconds: float) -> None:
+    batch = _UPSTREAM_SECONDS.get(app)
+    if batch is None:
+        batch = _UPSTREAM_SECONDS[app] = metrics.batched_histogram(metrics.UPSTREAM_SECONDS, app)
+    batch.observe(seconds)
+
+
+def _tokens(connection: bytes) -> frozenset[bytes]:
+    """The header names a Connection value lists (they are hop-by-hop too)."""
+    return frozenset(t.strip() for t in connection.lower().split(b","))
 
 
 def split_host(value: bytes) -> str:
@@ -209,12 +244,17 @@ def split_host(value: bytes) -> str:
 class Exchange:
     """One request relayed to one backend, and its response relayed back.
 
-    `run` resolves to whether the client connection may carry another request.
+    `start` answers, or starts relaying; either way the client side's
+    `exchange_done(exchange, keep)` is called exactly once (possibly before `start`
+    returns), `keep` saying whether the connection may carry another request. While
+    in flight the client side calls `watch` from its timer and `client_gone` when the
+    client leaves.
     """
 
-    __slots__ = ("app", "bytes_out", "conn", "done", "got_head", "host", "req",
-                 "request_id", "sent_at", "session", "status", "upstream_paused",
-                 "upstream_started", "watchdog")
+    __slots__ = ("app", "backends", "bytes_out", "conn", "early", "fast", "finished",
+                 "got_head",
+                 "head", "host", "req", "request_id", "reused", "sent_at", "session",
+                 "settled", "status", "task", "upstream_paused", "upstream_started", "waiter")
 
     def __init__(self, session: ClientSide, req: Request) -> None:
         self.session = session
@@ -222,44 +262,119 @@ class Exchange:
         self.app: App | None = None
         self.host = ""
         self.conn: UpstreamConnection | None = None
-        self.done: asyncio.Future[bool | int | None] = session.loop.create_future()
+        self.backends: list[Backend] = []
+        self.head = b""
+        # Task path only: what `_attempt` awaits, and the task that runs `_relay`.
+        self.waiter: asyncio.Future[bool | int | None] | None = None
+        self.task: asyncio.Task[None] | None = None
+        # A limit that fired while the task had no attempt running (before it started,
+        # while connecting): the task answers with it instead of relaying.
+        self.early: bool | int | None = None
+        self.fast = False
+        self.settled = False
+        self.finished = False
+        self.reused = False
         self.status = 0
         self.got_head = False
         self.upstream_paused = False
         self.sent_at = 0.0
         self.upstream_started = 0.0
         self.bytes_out = 0
-        self.watchdog: asyncio.TimerHandle | None = None
         self.request_id = ""
         req.exchange = self
 
     # -- decisions ------------------------------------------------------------------
-    async def run(self) -> bool:
+    def start(self) -> None:
+        keep = self._decide()
+        if keep is not None:
+            self._finish(keep)
+        elif not self._start_fast():
+            self.task = self.session.loop.create_task(self._run_task(), name="exchange")
+
+    def _decide(self) -> bool | None:
+        """Answer what needs no backend (keep-alive as result); None: relay it."""
         session, req = self.session, self.req
-        live = session.live
         self.request_id = self._request_id()
+        if req.error is not None:
+            return self.refuse(req.error[0], req.error[1])
+        raw, routes = req.host, session.live.routes
+        memo = session.route_memo
+        if memo is not None and memo[0] == raw and memo[1] is routes:
+            host, app = memo[2], memo[3]
+        else:
+            host = split_host(raw) if raw is not None else ""
+            app = routes.resolve(host)
+            session.route_memo = (raw, routes, host, app)
+        self.host = host
+        if host and session.misdirected(host):
+            metrics.LIMITS_HIT.labels("misdirected").inc()
+            return self.refuse(421, "Host not covered by the connection's certificate")
+        if app is None:
+            return self.refuse(404, "no app serves this host")
+        self.app = app
+        canonical = app.canonical_domain
+        if canonical is not None and host != canonical:
+            return self._redirect(canonical)
+        pool = session.pool
+        # One backend (the usual app): no rotation list and modulo arithmetic.
+        rotation = app.backends if len(app.backends) == 1 else app.rotation()
+        self.backends = [b for b in rotation if not pool.quarantined(b)]
+        if not self.backends:
+            return self.refuse(503, "every backend is quarantined")
+        self.head = self.forwarded_head()
+        return None
+
+    def _start_fast(self) -> bool:
+        """Relay from the protocol callbacks when the request is complete and small and
+        an idle pooled connection to the first backend is at hand; False: use a task.
+
+        The task path costs per request: a task (~3 us to create and start on uvloop,
+        measured), a future per attempt, the coroutine chain (_relay -> acquire ->
+        _attempt -> _pump_body) and a wake-up per await. With this path, the batched
+        metrics and the header trims, benchmarks/profile_worker.py went from 88 to
+        62 us of CPU per keep-alive request (62 -> 39 us user; medians of 4 rounds
+        interleaved on a busy machine).
+        """
+        req = self.req
+        body = req.body
+        if not body.done or body.size > _FAST_BODY_MAX or req.upgrade:
+            return False
+        conn = self.session.pool.take_idle(self.backends[0])
+        if conn is None:
+            return False
+        self.fast = True
+        self._send(conn, True)
+        if body.chunks:
+            data = b"".join(body.chunks)
+            body.chunks.clear()
+            body.size = 0
+            body.consumed = True
+            conn.write(b"%x\r\n%s\r\n0\r\n\r\n" % (len(data), data) if req.chunked else data)
+        elif req.chunked:
+            conn.write(b"0\r\n\r\n")
+        return True
+
+    async def _run_task(self) -> None:
         try:
-            if req.error is not None:
-                return self.refuse(req.error[0], req.error[1])
-            host = split_host(req.host) if req.host is not None else ""
-            self.host = host
-            if host and session.misdirected(host):
-                metrics.LIMITS_HIT.labels("misdirected").inc()
-                return self.refuse(421, "Host not covered by the connection's certificate")
-            app = live.routes.resolve(host)
-            if app is None:
-                return self.refuse(404, "no app serves this host")
-            self.app = app
-            canonical = app.canonical_domain
-            if canonical is not None and host != canonical:
-                return self._redirect(canonical)
-            return await self._relay(app)
-        finally:
-            if self.watchdog is not None:
-                self.watchdog.cancel()
-            req.exchange = None
-            if session.access_log is not None:
-                session.access_log.request(session, self)
+            keep = await self._relay()
+        except asyncio.CancelledError:
+            keep = False  # the client left (client_gone)
+        except Exception:
+            log.exception("exchange %s failed", self.request_id)
+            self.session.abort()
+            keep = False
+        self._finish(keep)
+
+    def _finish(self, keep: bool) -> None:
+        if self.finished:
+            return
+        self.finished = True
+        self.task = None
+        session = self.session
+        self.req.exchange = None
+        if session.access_log is not None:
+            session.access_log.request(session, self)
+        session.exchange_done(self, keep)
 
     def _request_id(self) -> str:
         if self.session.trusted:
@@ -283,14 +398,16 @@ class Exchange:
         count(self.app.name if self.app else "", 301)
         return self.session.send_redirect(self.req, f"https://{authority}{path}")
 
-    async def _relay(self, app: App) -> bool:
-        session, req = self.session, self.req
-        pool = session.pool
-        backends = [b for b in app.rotation() if not pool.quarantined(b)]
-        if not backends:
-            return self.refuse(503, "every backend is quarantined")
-        head = self.forwarded_head()
-        for backend in backends:
+    async def _relay(self) -> bool:
+        app = self.app
+        assert app is not None
+        pool = self.session.pool
+        backends = self.backends
+        i = 0
+        while i < len(backends):
+            if self.early is not None:
+                return self._answer_early()
+            backend = backends[i]
             try:
                 conn, reused = await pool.acquire(backend)
             except PoolFull:
@@ -302,30 +419,45 @@ class Exchange:
                 metrics.UPSTREAM_ERRORS.labels(app.name, "timeout" if timeout
                                                else "connect").inc()
                 pool.quarantine(backend)
+                i += 1
                 continue
-            outcome = await self._attempt(conn, head)
+            if self.early is not None:
+                pool.release(conn)  # nothing was sent on it
+                return self._answer_early()
+            outcome = await self._attempt(conn, reused)
             if isinstance(outcome, bool):
                 return outcome
             if isinstance(outcome, int):
                 return self.refuse(outcome, "upstream failure or client limit")
-            # The backend dropped the connection before answering. A pooled connection
-            # the backend had already closed is the usual cause; resend only when no
-            # body bytes were consumed, so nothing is sent twice.
-            if not (reused and req.body.done and not req.body.consumed):
+            if not self._may_resend():
                 break
+            # Resent to the same backend on its next pooled connection or a new one:
+            # the pool is finite, and a failing new connection ends the loop.
         return self.refuse(502, "no backend answered")
+
+    def _answer_early(self) -> bool:
+        early = self.early
+        if isinstance(early, bool):
+            return early
+        assert early is not None
+        return self.refuse(early, "client limit")
+
+    def _may_resend(self) -> bool:
+        """The backend dropped the connection before answering. A pooled connection the
+        backend had already closed is the usual cause; resend only when no body bytes
+        were consumed, so nothing is sent twice."""
+        body = self.req.body
+        return self.reused and body.done and not body.consumed
 
     # -- the request to the backend ------------------------------------------------
     def forwarded_head(self) -> bytes:
-        """The request head as the backend sees it."""
+        """The request head as the backend sees it (~2 us for wrk's head; one format
+        for the usual forwarding headers instead of pieces measured ~3 us)."""
         session, req = self.session, self.req
         trusted = session.trusted
         drop = _REQUEST_DROP_TRUSTED if trusted else _REQUEST_DROP_UNTRUSTED
         out = [req.method, b" ", req.url, b" HTTP/1.1\r\n"]
-        named: set[bytes] = set()
-        for name, value in req.headers:
-            if len(name) == 10 and name.lower() == b"connection":
-                named.update(t.strip().lower() for t in value.split(b","))
+        named = _tokens(req.connection) if req.connection is not None else _NO_TOKENS
         xff = None
         present: set[bytes] = set()
         for name, value in req.headers:
@@ -345,32 +477,45 @@ class Exchange:
         if req.upgrade:
             out.append(b"connection: upgrade\r\nupgrade: websocket\r\n")
         peer = session.peer.encode()
+        host = self.host.encode("latin-1")
+        start = int(time.time() * 1_000_000)
+        if not present:
+            out.append(_FORWARDED % (peer if xff is None else xff + b", " + peer,
+                                     session.scheme.encode(), host, session.port,
+                                     self.request_id.encode(), start))
+            return b"".join(out)
         out += (b"x-forwarded-for: ", peer if xff is None else xff + b", " + peer, b"\r\n")
         if b"x-forwarded-proto" not in present:
             out += (b"x-forwarded-proto: ", session.scheme.encode(), b"\r\n")
         if b"x-forwarded-host" not in present:
-            out += (b"x-forwarded-host: ", self.host.encode("latin-1"), b"\r\n")
+            out += (b"x-forwarded-host: ", host, b"\r\n")
         if b"x-forwarded-port" not in present:
             out += (b"x-forwarded-port: ", str(session.port).encode(), b"\r\n")
-        out += (
-            b"x-request-id: ", self.request_id.encode(), b"\r\n",
-            b"x-request-start: t=", str(int(time.time() * 1_000_000)).encode(), b"\r\n\r\n",
-        )
+        out.append(b"x-request-id: %s\r\nx-request-start: t=%d\r\n\r\n"
+                   % (self.request_id.encode(), start))
         return b"".join(out)
 
-    async def _attempt(self, conn: UpstreamConnection, head: bytes) -> bool | int | None:
+    def _send(self, conn: UpstreamConnection, reused: bool) -> None:
+        """Begin an attempt on `conn`: the head is written, its response comes to us."""
         req = self.req
         self.conn = conn
+        self.reused = reused
         self.got_head = False
-        if self.done.done():  # a retry on another connection
-            self.done = self.session.loop.create_future()
-        conn.start(self, head_only=req.method == b"HEAD", upgrade=req.upgrade)
-        self.upstream_started = time.monotonic()
-        self.sent_at = 0.0
-        conn.write(head)
-        if self.session.client_paused():
+        self.settled = False
+        now = time.monotonic()
+        conn.start(self, head_only=req.method == b"HEAD", upgrade=req.upgrade, now=now)
+        self.upstream_started = now
+        self.sent_at = now if self.fast else 0.0
+        conn.write(self.head)
+        session = self.session
+        if session.client_paused():
             self.pause_upstream()
-        self._arm(self.session.live.limits.upstream_first_byte_timeout)
+        session.watch_by(session.live.limits.upstream_first_byte_timeout, now)
+
+    async def _attempt(self, conn: UpstreamConnection, reused: bool) -> bool | int | None:
+        waiter: asyncio.Future[bool | int | None] = self.session.loop.create_future()
+        self.waiter = waiter
+        self._send(conn, reused)
         try:
             await self._pump_body(conn)
         except OSError:
@@ -379,7 +524,7 @@ class Exchange:
             conn.detach()
             raise
         self.sent_at = time.monotonic()
-        return await self.done
+        return await waiter
 
     async def _pump_body(self, conn: UpstreamConnection) -> None:
         req = self.req
@@ -388,7 +533,7 @@ class Exchange:
         chunked = req.chunked
         while True:
             data = await req.body.read()
-            if data is None or self.done.done():
+            if data is None or self.settled:
                 break
             if not conn.usable:
                 return
@@ -397,39 +542,59 @@ class Exchange:
             else:
                 conn.write(data)
             await conn.drain()
-        if chunked and conn.usable and not self.done.done():
+        if chunked and conn.usable and not self.settled:
             conn.write(b"0\r\n\r\n")
 
-    # -- timeouts -------------------------------------------------------------------
-    def _arm(self, delay: float) -> None:
-        self.watchdog = self.session.loop.call_later(max(delay, 0.01), self._watch)
-
-    def _watch(self) -> None:
-        """One timer per exchange, re-armed for what remains (no per-read timers)."""
-        self.watchdog = None
-        conn = self.conn
-        if conn is None or self.done.done() or conn.tunnel:
+    # -- outcomes -------------------------------------------------------------------
+    def _settle(self, outcome: bool | int | None) -> None:
+        """The attempt ended: keep-alive (bool), a status to answer with, or None (the
+        backend dropped the connection before answering)."""
+        if self.settled:
             return
+        self.settled = True
+        waiter, self.waiter = self.waiter, None
+        if waiter is not None:
+            if not waiter.done():
+                waiter.set_result(outcome)
+            return
+        if not self.fast:
+            self.early = outcome  # no attempt running: `_relay` answers with it
+            return
+        if isinstance(outcome, bool):
+            self._finish(outcome)
+        elif isinstance(outcome, int):
+            self._finish(self.refuse(outcome, "upstream failure or client limit"))
+        elif self._may_resend():
+            # A pooled connection the backend had closed: the task path resends.
+            self.fast = False
+            self.task = self.session.loop.create_task(self._run_task(), name="exchange")
+        else:
+            self._finish(self.refuse(502, "no backend answered"))
+
+    # -- timeouts -------------------------------------------------------------------
+    def watch(self, now: float) -> float | None:
+        """Called from the client side's one timer per connection (no call_later and
+        cancel per exchange, ~0.7 us measured): fail what is overdue, else the seconds
+        until the next check (None: nothing to time)."""
+        conn = self.conn
+        if conn is None or self.settled or conn.tunnel:
+            return None
         limits = self.session.live.limits
-        now = time.monotonic()
         if not self.got_head:
             if self.sent_at == 0.0:  # still uploading: the client side times that
-                self._arm(limits.upstream_first_byte_timeout)
-                return
+                return limits.upstream_first_byte_timeout
             left = limits.upstream_first_byte_timeout - (now - self.sent_at)
             if left > 0:
-                self._arm(left)
-                return
+                return left
             self.fail("upstream_first_byte_timeout", 504)
-            return
+            return None
         if self.upstream_paused:  # the client reads slowly; that is not the backend
-            self._arm(limits.upstream_read_timeout)
-            return
+            return limits.upstream_read_timeout
         left = limits.upstream_read_timeout - (now - conn.last_read)
         if left > 0:
-            self._arm(left)
-            return
+            return left
         self.fail("upstream_read_timeout", 504)
+        return None
 
     def fail(self, limit: str | None, status: int) -> None:
         """Give up on this exchange: a limit fired (timeout, body size, bad body)."""
@@ -438,14 +603,14 @@ class Exchange:
         conn, self.conn = self.conn, None
         if conn is not None:
             conn.detach()
-        if self.done.done():
+        if self.settled:
             return
         if self.got_head:
             # Part of the response is on the wire: cutting is the only honest signal.
             self.session.abort()
-            self.done.set_result(False)
+            self._settle(False)
         else:
-            self.done.set_result(status)
+            self._settle(status)
 
     # -- ResponseSink -----------------------------------------------------------------
     def response_head(self, status: int, reason: bytes, version: str,
@@ -458,22 +623,28 @@ class Exchange:
         self.status = status
         self.got_head = True
         if self.app is not None:
-            metrics.UPSTREAM_SECONDS.labels(self.app.name).observe(
-                time.monotonic() - self.upstream_started)
-        named: set[bytes] = set()
-        for name, value in headers:
-            if len(name) == 10 and name.lower() == b"connection":
-                named.update(t.strip().lower() for t in value.split(b","))
+            _observe_upstream(self.app.name, time.monotonic() - self.upstream_started)
+        # One pass; the names a Connection header lists are removed after it, which is
+        # rare (nginx sends `Connection: keep-alive`, hop-by-hop anyway): ~0.9 us for
+        # nginx's five headers instead of ~2.5 us (most of it building token sets).
         out: list[tuple[bytes, bytes]] = []
+        connection: bytes | None = None
         for name, value in headers:
             lname = name.lower()
-            if lname in _RESPONSE_DROP or lname in named:
-                if lname == b"content-length" and framing in ("length", "none"):
-                    out.append((name, value))
+            if lname in _RESPONSE_DROP:
+                if lname == b"content-length":
+                    if framing == "length" or framing == "none":
+                        out.append((name, value))
+                elif lname == b"connection":
+                    connection = value if connection is None else connection + b"," + value
                 continue
             if lname == b"strict-transport-security":
                 continue
             out.append((name, value))
+        if connection is not None and connection not in _PLAIN_CONNECTION:
+            named = _tokens(connection) - _RESPONSE_DROP
+            if named:
+                out = [(n, v) for n, v in out if n.lower() not in named]
         if self.app is not None and self.app.force_https and self.session.scheme == "https":
             out.append(_HSTS)
         if status == 101:
@@ -495,13 +666,12 @@ class Exchange:
         if not self.req.upgrade or self.status != 101:
             self.session.end_body()
         if conn is not None:
-            if reusable and self.req.body.done and not self.done.done():
+            if reusable and self.req.body.done and not self.settled:
                 self.session.pool.release(conn)
             elif conn.transport is not None:
                 conn.transport.close()
         count(self.app.name if self.app else "", self.status)
-        if not self.done.done():
-            self.done.set_result(self.req.body.done and self.status != 101)
+        self._settle(self.req.body.done and self.status != 101)
 
     def response_failed(self, exc: BaseException | None, got_head: bool) -> None:
         app = self.app.name if self.app else ""
@@ -513,17 +683,17 @@ class Exchange:
         conn, self.conn = self.conn, None
         if conn is not None:
             conn.detach()
-        if self.done.done():
+        if self.settled:
             return
         if got_head or self.got_head:
             # Part of the response is on the wire: cut the client connection.
             count(app, self.status)
             self.session.abort()
-            self.done.set_result(False)
+            self._settle(False)
         elif isinstance(exc, BadResponse):
-            self.done.set_result(502)
+            self._settle(502)
         else:
-            self.done.set_result(None)
+            self._settle(None)
 
     def cork(self) -> None:
         self.session.cork()
@@ -567,5 +737,9 @@ class Exchange:
                 conn.transport.close()
             else:
                 conn.detach()
-        if not self.done.done():
-            self.done.set_result(False)
+        task = self.task
+        if task is not None:
+            task.cancel()  # _run_task finishes the exchange
+        else:
+            self.settled = True
+            self._finish(False)

@@ -1,11 +1,12 @@
 """The HTTP/1.1 session of one client connection: parse, check, frame, relay in order.
 
 Requests are parsed with httptools in the protocol callbacks and checked strictly
-(`checks`); one task per connection runs their exchanges in order (pipelining keeps
-order). This module owns HTTP/1.1 framing and the client-side limits (head size and
-time, body size and pace, keep-alive idle); routing and the backend side live in
-`exchange`. It never touches the store, never blocks, and never forwards a request
-that was refused.
+(`checks`), queued, and their exchanges started one at a time in order (pipelining
+keeps order); an exchange runs in callbacks or in its own task, as `exchange` decides.
+This module owns HTTP/1.1 framing and the client-side limits (head size and time,
+body size and pace, keep-alive idle) and times the exchange in flight from its one
+timer; routing and the backend side live in `exchange`. It never touches the store,
+never blocks, and never forwards a request that was refused.
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ from proxy.dataplane.accesslog import AccessLog
 from proxy.dataplane.exchange import Exchange, Request, count
 from proxy.dataplane.state import Live
 from proxy.dataplane.upstream import WRITE_HIGH, UpstreamPool
+from proxy.routing import App, RouteTable
 
 log = logging.getLogger("tlsedge.http")
 
@@ -38,12 +40,12 @@ class HttpSession(asyncio.Protocol):
     """One client connection (after TLS) speaking HTTP/1.1 to us."""
 
     __slots__ = (
-        "_broken", "_chunked_out", "_current", "_done", "_early", "_head_bytes",
-        "_head_size", "_head_started", "_hosts", "_idle_since", "_in_head", "_loop",
-        "_on_lost", "_out", "_paused_by_client", "_queue", "_queue_waiter", "_read_paused",
-        "_resp", "_served", "_sni_ok", "_task", "_te", "_timer", "_timer_due", "_tunnel",
-        "access_log", "closed", "live", "loop", "parser", "peer", "pool", "port", "scheme",
-        "tls_version", "transport", "trusted",
+        "_broken", "_chunked_out", "_current", "_dispatching", "_done", "_early",
+        "_head_bytes", "_head_size", "_head_started", "_hosts", "_idle_since", "_in_head",
+        "_loop", "_on_lost", "_out", "_paused_by_client", "_queue", "_read_paused",
+        "_resp", "_served", "_sni_ok", "_te", "_timer", "_timer_due", "_tunnel",
+        "access_log", "closed", "live", "loop", "parser", "peer", "pool", "port",
+        "route_memo", "scheme", "tls_version", "transport", "trusted",
     )
 
     def __init__(self, live: Live, pool: UpstreamPool, *, scheme: str, port: int,
@@ -70,11 +72,11 @@ class HttpSession(asyncio.Protocol):
         # one syscall instead of two or three (syscalls dominate our CPU profile).
         self._out: list[bytes] | None = None
         self._queue: deque[Request] = deque()
-        self._queue_waiter: asyncio.Future[None] | None = None
         self._current: Request | None = None
+        # The exchange in flight (at most one: HTTP/1.1 answers in order).
         self._resp: Exchange | None = None
+        self._dispatching = False
         self._tunnel: Exchange | None = None
-        self._task: asyncio.Task[None] | None = None
         self._read_paused = False
         self._paused_by_client = False
         self._chunked_out = False
@@ -91,14 +93,17 @@ class HttpSession(asyncio.Protocol):
         self._timer: asyncio.TimerHandle | None = None
         self._timer_due = 0.0
         self._sni_ok: dict[str, bool] | None = None
+        self.route_memo: tuple[bytes | None, RouteTable, str, App | None] | None = None
 
     # -- asyncio.Protocol ---------------------------------------------------------
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = cast(asyncio.Transport, transport)
         self.transport.set_write_buffer_limits(high=WRITE_HIGH)
-        self._task = self._loop.create_task(self._serve(), name=f"http-session {self.peer}")
-        self._idle_since = time.monotonic()
-        self._schedule(self.live.limits.request_head_timeout)
+        # No task per connection: exchanges start from the callbacks (`_dispatch`).
+        # The task that was here cost ~3 us per connection to create and start, and a
+        # future and a wake-up per request (the queue waiter).
+        now = self._idle_since = time.monotonic()
+        self._schedule(self.live.limits.request_head_timeout, now)
         early, self._early = self._early, []
         for data in early:
             self.data_received(data)
@@ -111,14 +116,10 @@ class HttpSession(asyncio.Protocol):
         if self._timer is not None:
             self._timer.cancel()
             self._timer = None
-        if self._queue_waiter is not None and not self._queue_waiter.done():
-            self._queue_waiter.set_result(None)
         if self._current is not None:
             self._current.body.finish()
         if self._resp is not None:
             self._resp.client_gone()
-        if self._task is not None and not self._task.done():
-            self._task.cancel()
 
     def data_received(self, data: bytes) -> None:
         if self.transport is None:
@@ -156,9 +157,11 @@ class HttpSession(asyncio.Protocol):
                     metrics.LIMITS_HIT.labels("max_head_bytes").inc()
                     self._reject(431, "request head too large")
                 else:  # a head split over reads: the slow path that needs the timer
-                    self._due_by(limits.request_head_timeout)
+                    self._due_by(limits.request_head_timeout, time.monotonic())
             elif self._current is not None:
-                self._due_by(self.live.limits.request_body_timeout)
+                self._due_by(self.live.limits.request_body_timeout, time.monotonic())
+        if self._queue and self._resp is None:
+            self._dispatch()
 
     def _upgraded(self, data: bytes, exc: httptools.HttpParserUpgrade) -> None:
         """httptools stops at an upgrade (after queueing that request) or a CONNECT."""
@@ -199,9 +202,6 @@ class HttpSession(asyncio.Protocol):
         self._done = True
         if self._resp is None and self._current is None and self.transport is not None:
             self.transport.close()
-        waiter, self._queue_waiter = self._queue_waiter, None
-        if waiter is not None and not waiter.done():
-            waiter.set_result(None)
 
     def abort(self) -> None:
         if self.transport is not None:
@@ -281,6 +281,8 @@ class HttpSession(asyncio.Protocol):
                 upgrade = value.strip().lower() == b"websocket"
             elif n == 10 and name.lower() == b"connection":
                 connection_upgrade = b"upgrade" in value.lower()
+                req.connection = (value if req.connection is None
+                                  else req.connection + b"," + value)
         refusal = checks.request_head(req.version, req.url, hosts, self._te, content_length,
                                       self.live.limits.max_body_bytes)
         if refusal is not None:
@@ -294,8 +296,7 @@ class HttpSession(asyncio.Protocol):
         if upgrade and connection_upgrade and req.method == b"GET":
             req.upgrade = True
             req.keep_alive = False
-        self._queue.append(req)
-        self._wake_queue()
+        self._queue.append(req)  # data_received starts it once this read is parsed
 
     def on_body(self, body: bytes) -> None:
         req = self._current
@@ -335,7 +336,6 @@ class HttpSession(asyncio.Protocol):
         req.error = (status, why)
         req.keep_alive = False
         req.body.done = True
-        self._wake_queue()
 
     def _client_failed(self, req: Request, status: int, limit: str | None) -> None:
         """A request already accepted broke a limit or its body was malformed."""
@@ -351,40 +351,43 @@ class HttpSession(asyncio.Protocol):
             req.error = (status, "request body refused")
         req.body.finish()
 
-    def _wake_queue(self) -> None:
-        waiter, self._queue_waiter = self._queue_waiter, None
-        if waiter is not None and not waiter.done():
-            waiter.set_result(None)
-
     # -- relay --------------------------------------------------------------------
-    async def _serve(self) -> None:
+    def _dispatch(self) -> None:
+        """Start queued requests in order while none is in flight."""
+        if self._dispatching:
+            return  # an exchange finished inside start(): the loop below goes on
+        self._dispatching = True
         try:
-            while not self._done:
-                if not self._queue:
-                    self._queue_waiter = self._loop.create_future()
-                    await self._queue_waiter
-                    continue
+            while self._resp is None and self._queue and not self._done and not self.closed:
                 req = self._queue.popleft()
                 self._idle_since = 0.0
-                exchange = Exchange(self, req)
-                self._resp = exchange
-                try:
-                    keep = await exchange.run()
-                finally:
-                    self._resp = None
-                    self._tunnel = None
-                self._served += 1
-                if not keep or not req.keep_alive:
-                    self._close_after_flush()
-                    return
-                if not self._queue:
-                    self._idle_since = time.monotonic()
-        except asyncio.CancelledError:
-            pass
+                exchange = self._resp = Exchange(self, req)
+                exchange.start()
         except Exception:
             log.exception("session for %s failed", self.peer)
             if self.transport is not None:
                 self.transport.abort()
+        finally:
+            self._dispatching = False
+
+    def exchange_done(self, exchange: Exchange, keep: bool) -> None:
+        if self._resp is exchange:
+            self._resp = None
+        self._tunnel = None
+        if self.closed:
+            return
+        self._served += 1
+        if not keep or not exchange.req.keep_alive or self._done:
+            self._close_after_flush()
+        elif not self._queue:
+            self._idle_since = time.monotonic()
+        elif not self._dispatching:
+            # Pipelined requests: start the next one after the callback that ended
+            # this exchange (maybe inside the backend's parser) has returned.
+            self._loop.call_soon(self._dispatch)
+
+    def watch_by(self, delay: float, now: float) -> None:
+        self._due_by(delay, now)
 
     # -- ClientSide: what the exchange writes ----------------------------------------
     def cork(self) -> None:
@@ -520,51 +523,72 @@ class HttpSession(asyncio.Protocol):
         if self.transport is not None:
             self.transport.close()
 
-    def _schedule(self, delay: float) -> None:
-        delay = max(delay, 0.01)
-        self._timer_due = time.monotonic() + delay
+    def _schedule(self, delay: float, now: float) -> None:
+        # Never further out than the shortest limit: then an exchange starting does not
+        # move the timer (`_due_by` returns at once), and a connection's timer fires
+        # every few seconds at most, re-checking every deadline.
+        limits = self.live.limits
+        delay = max(min(delay, limits.request_head_timeout, limits.keepalive_timeout,
+                        limits.upstream_first_byte_timeout, limits.upstream_read_timeout,
+                        limits.request_body_timeout), 0.01)
+        self._timer_due = now + delay
         self._timer = self._loop.call_later(delay, self._on_timer)
 
-    def _due_by(self, delay: float) -> None:
-        """Make the timer fire within `delay`; only slow clients ever get here."""
-        if self._timer is not None and self._timer_due <= time.monotonic() + delay:
-            return
+    def _due_by(self, delay: float, now: float) -> None:
+        """Make the timer fire within `delay`; only slow clients ever move it."""
         if self._timer is not None:
+            if self._timer_due <= now + delay:
+                return
             self._timer.cancel()
-        self._schedule(delay)
+        self._schedule(delay, now)
 
     def _on_timer(self) -> None:
         """One timer per connection, re-armed for the nearest deadline.
 
-        Requests only set timestamps (head start, last body byte, idle since); no
-        timer is created or cancelled per request or per read.
+        Requests only set timestamps (head start, last body byte, idle since, sent to
+        the backend, last backend read); no timer is created or cancelled per request
+        or per read.
         """
         self._timer = None
         transport = self.transport
         if transport is None or transport.is_closing() or self._tunnel is not None:
             return
-        limits = self.live.limits
         now = time.monotonic()
+        delay = self._client_deadlines(now, transport)
+        if delay is None:
+            return
+        resp = self._resp
+        if resp is not None:
+            left = resp.watch(now)
+            if left is not None:
+                delay = min(delay, left)
+            if transport.is_closing() or self._tunnel is not None:
+                return
+        if self._timer is None:
+            self._schedule(delay, now)
+
+    def _client_deadlines(self, now: float, transport: asyncio.Transport) -> float | None:
+        """Act on the client side's overdue deadline (None), else seconds to the next."""
+        limits = self.live.limits
         if self._in_head:
             left = limits.request_head_timeout - (now - self._head_started)
             if left <= 0:
                 metrics.LIMITS_HIT.labels("request_head_timeout").inc()
                 if self._resp is None and not self._queue:
                     self._reject(408, "request head timed out")
+                    self._dispatch()
                 else:
                     transport.close()
-                return
-            self._schedule(left)
-            return
+                return None
+            return left
         current = self._current
         if current is not None and not current.body.done:
             last = current.body.last or current.started
             left = limits.request_body_timeout - (now - last)
             if left <= 0 and not self._read_paused:
                 self._client_failed(current, 408, "request_body_timeout")
-                return
-            self._schedule(max(left, 0.5))
-            return
+                return None
+            return max(left, 0.5)
         if self._idle_since and self._resp is None and not self._queue:
             limit = limits.keepalive_timeout if self._served else limits.request_head_timeout
             left = limit - (now - self._idle_since)
@@ -572,10 +596,9 @@ class HttpSession(asyncio.Protocol):
                 metrics.LIMITS_HIT.labels("keepalive_timeout" if self._served
                                           else "request_head_timeout").inc()
                 transport.close()
-                return
-            self._schedule(left)
-            return
-        self._schedule(min(limits.request_head_timeout, limits.keepalive_timeout))
+                return None
+            return left
+        return min(limits.request_head_timeout, limits.keepalive_timeout)
 
 
 def _is_trusted(peer: str, live: Live) -> bool:

@@ -25,6 +25,7 @@ from proxy.dataplane.upstream import UpstreamPool
 log = logging.getLogger("tlsedge.server")
 
 
+
 class TlsAccept(asyncio.Protocol):
     """A freshly accepted HTTPS-listener connection, until its handshake ends."""
 
@@ -119,10 +120,15 @@ class TlsAccept(asyncio.Protocol):
             return
         sslobj = tls_transport.get_extra_info("ssl_object")
         version = sslobj.version() if sslobj is not None else ""
-        metrics.HANDSHAKES.labels("ok", version or "").inc()
-        metrics.HANDSHAKE_SECONDS.observe(time.monotonic() - self._started)
-        metrics.ACTIVE_CONNECTIONS.labels("https").inc()
-        session.tls_version = version or ""
+        version = version or ""
+        ok = worker.handshakes_ok.get(version)
+        if ok is None:
+            ok = worker.handshakes_ok[version] = metrics.batched_counter(
+                metrics.HANDSHAKES, "ok", version)
+        ok.pending += 1
+        worker.handshake_seconds.observe(time.monotonic() - self._started)
+        worker.active.pending += 1
+        session.tls_version = version
         worker.sessions.add(session)
         session.connection_made(tls_transport)
         if worker.draining:
@@ -147,6 +153,12 @@ class Worker:
                            else None)
         self.sessions: set[HttpSession] = set()
         self.open_connections = 0
+        # Per-connection metrics, batched (see metrics.py): three labels() lookups
+        # (~0.9 us each), three counter writes (~0.7 us) and a histogram observe
+        # (~1.5 us) were ~6 us per connection.
+        self.handshakes_ok: dict[str, metrics.BatchedCounter] = {}
+        self.handshake_seconds = metrics.batched_histogram(metrics.HANDSHAKE_SECONDS)
+        self.active = metrics.batched_counter(metrics.ACTIVE_CONNECTIONS, "https")
         self.draining = False
         self._https_sock = https_sock
         self._http_sock = http_sock
@@ -154,6 +166,7 @@ class Worker:
 
     async def start(self) -> None:
         loop = self.loop
+        metrics.start_flushing(loop)
         self._servers.append(await loop.create_server(
             lambda: TlsAccept(self), sock=self._https_sock, backlog=1024))
         self._servers.append(await loop.create_server(
@@ -162,7 +175,7 @@ class Worker:
     def session_closed(self, session: HttpSession) -> None:
         if session in self.sessions:
             self.sessions.discard(session)
-            metrics.ACTIVE_CONNECTIONS.labels("https").dec()
+            self.active.pending -= 1
         self.open_connections -= 1
 
     async def drain(self, deadline: float) -> None:
@@ -178,5 +191,6 @@ class Worker:
         for session in list(self.sessions):
             session.abort()
         self.pool.close()
+        metrics.stop_flushing()
         if self.access_log is not None:
             self.access_log.close()

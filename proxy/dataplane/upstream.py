@@ -66,10 +66,10 @@ class _StopParsing(Exception):
 class UpstreamConnection(asyncio.Protocol):
     """One TCP connection to a backend, reused for sequential exchanges."""
 
-    __slots__ = ("_close_delimited", "_got_head", "_head_only", "_headers", "_paused",
-                 "_reason", "_underscore", "_wants_upgrade", "_writable", "backend",
-                 "idle_since", "last_read", "parser", "pool", "sink", "transport",
-                 "tunnel")
+    __slots__ = ("_close_delimited", "_got_head", "_has_length", "_head_only", "_headers",
+                 "_paused", "_reason", "_te", "_underscore", "_wants_upgrade", "_writable",
+                 "backend", "idle_since", "last_read", "parser", "pool", "sink",
+                 "transport", "tunnel")
 
     def __init__(self, backend: Backend, pool: UpstreamPool) -> None:
         self.backend = backend
@@ -86,6 +86,8 @@ class UpstreamConnection(asyncio.Protocol):
         self._head_only = False
         self._wants_upgrade = False
         self._underscore = False
+        self._te: bytes | None = None
+        self._has_length = False
         self._close_delimited = False
         self._paused = False
         self._writable: asyncio.Future[None] | None = None
@@ -152,7 +154,8 @@ class UpstreamConnection(asyncio.Protocol):
             self.sink.upstream_write_paused(False)
 
     # -- used by the exchange -----------------------------------------------------
-    def start(self, sink: ResponseSink, *, head_only: bool, upgrade: bool = False) -> None:
+    def start(self, sink: ResponseSink, *, head_only: bool, upgrade: bool = False,
+              now: float = 0.0) -> None:
         """Begin one exchange: the next response on this connection goes to `sink`."""
         self.sink = sink
         self.parser = httptools.HttpResponseParser(self)
@@ -162,8 +165,10 @@ class UpstreamConnection(asyncio.Protocol):
         self._head_only = head_only
         self._wants_upgrade = upgrade
         self._underscore = False
+        self._te = None
+        self._has_length = False
         self._close_delimited = False
-        self.last_read = time.monotonic()
+        self.last_read = now or time.monotonic()
 
     def write(self, data: bytes) -> None:
         assert self.transport is not None
@@ -212,6 +217,12 @@ class UpstreamConnection(asyncio.Protocol):
         if b"_" in name:
             self._underscore = True
         self._headers.append((name, value))
+        # Noted as they arrive, instead of two more passes over the headers.
+        n = len(name)
+        if n == 14 and name.lower() == b"content-length":
+            self._has_length = True
+        elif n == 17 and name.lower() == b"transfer-encoding":
+            self._te = value
 
     def on_headers_complete(self) -> None:
         parser, sink = self.parser, self.sink
@@ -220,10 +231,8 @@ class UpstreamConnection(asyncio.Protocol):
         version = parser.get_http_version()
         headers, self._headers = self._headers, []
         reason, self._reason = self._reason, b""
-        te = None
-        for name, value in headers:
-            if len(name) == 17 and name.lower() == b"transfer-encoding":
-                te = value
+        te, self._te = self._te, None
+        has_length, self._has_length = self._has_length, False
         why = checks.response_head(version, status, reason, te, self._underscore)
         if why is not None:
             raise BadResponse(why)
@@ -235,7 +244,7 @@ class UpstreamConnection(asyncio.Protocol):
                 raise BadResponse("101 to a request that asked for no upgrade")
             self.tunnel = True
         self._got_head = True
-        framing = _framing(status, te, headers, self._head_only)
+        framing = _framing(status, te, has_length, self._head_only)
         self._close_delimited = framing == "close"
         sink.response_head(status, reason, version, headers, parser.should_keep_alive(),
                            framing)
@@ -263,17 +272,13 @@ class UpstreamConnection(asyncio.Protocol):
             sink.response_done(keep_alive and self.usable)
 
 
-def _framing(status: int, te: bytes | None, headers: list[tuple[bytes, bytes]],
-             head_only: bool) -> str:
+def _framing(status: int, te: bytes | None, has_length: bool, head_only: bool) -> str:
     """How the response body is delimited: none, length, chunked or close."""
     if head_only or status in (204, 304) or 100 <= status < 200:
         return "none"
     if te is not None:
         return "chunked"  # checks.response_head allowed nothing else
-    for name, _ in headers:
-        if len(name) == 14 and name.lower() == b"content-length":
-            return "length"
-    return "close"
+    return "length" if has_length else "close"
 
 
 class _BackendState:
@@ -298,7 +303,10 @@ class UpstreamPool:
 
     __slots__ = (
         "_backends",
+        "_last_backend",
+        "_last_state",
         "_loop",
+        "_quarantines",
         "connect_timeout",
         "idle_timeout",
         "loop",
@@ -313,6 +321,9 @@ class UpstreamPool:
         self._loop = asyncio.get_running_loop()
         self.loop = self._loop
         self._backends: dict[Backend, _BackendState] = {}
+        self._last_backend: Backend | None = None
+        self._last_state = _BackendState()
+        self._quarantines = 0
         self.connect_timeout = connect_timeout
         self.idle_timeout = idle_timeout
         self.max_connections = max_connections
@@ -330,18 +341,41 @@ class UpstreamPool:
         self._loop.call_later(self.idle_timeout / 2, self._sweep)
 
     def _state(self, backend: Backend) -> _BackendState:
+        # Backend is a frozen dataclass: its hash is a Python call building a tuple
+        # (a dict lookup ~0.12 us); the same backend object asks again and again.
+        if backend is self._last_backend:
+            return self._last_state
         state = self._backends.get(backend)
         if state is None:
             state = self._backends[backend] = _BackendState()
+        self._last_backend, self._last_state = backend, state
         return state
 
     def quarantined(self, backend: Backend) -> bool:
-        state = self._backends.get(backend)
-        return state is not None and state.quarantined_until > time.monotonic()
+        if not self._quarantines:
+            return False  # the usual case: no dict lookup, no clock read
+        until = self._state(backend).quarantined_until
+        return until != 0.0 and until > time.monotonic()
 
     def quarantine(self, backend: Backend) -> None:
+        self._quarantines += 1  # never decremented: one quarantine costs a lookup later
         self._state(backend).quarantined_until = time.monotonic() + self.quarantine_for
         metrics.LIMITS_HIT.labels("backend_quarantine").inc()
+
+    def take_idle(self, backend: Backend) -> UpstreamConnection | None:
+        """An idle pooled connection to `backend` if one is at hand (no waiting)."""
+        state = self._state(backend)
+        idle = state.idle
+        if not idle or state.waiters:
+            return None  # requests queued for this backend go first
+        now = time.monotonic()
+        while idle:
+            conn = idle.pop()
+            if conn.usable and now - conn.idle_since < self.idle_timeout:
+                return conn
+            if conn.transport is not None:
+                conn.transport.close()  # `lost` will free its slot
+        return None
 
     async def acquire(self, backend: Backend) -> tuple[UpstreamConnection, bool]:
         """A connection to `backend` and whether it was reused from the pool.
