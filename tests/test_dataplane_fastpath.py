@@ -7,9 +7,11 @@ without the client noticing.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import socket
 import threading
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -179,3 +181,21 @@ def test_body_over_the_limit_arriving_right_behind_its_head_is_413_never_relayed
                 status, _, _ = read_response(s)
             assert status == 413
             assert len(app.seen) == before
+
+
+def test_upload_cut_by_the_client_never_reaches_the_app_as_complete(
+        edge: Edge, app: Backend) -> None:
+    """A chunked upload whose client goes away mid-body must not be relayed with its
+    final 0-chunk (the app would take a truncated body for the whole request)."""
+    with edge.tls_connect(APP) as s:
+        send_request(s, APP, "/p/before-cut")
+        read_response(s)
+        before = len(app.seen)
+        s.sendall(f"POST /echo/cut HTTP/1.1\r\nHost: {APP}\r\n".encode()
+                  + b"Transfer-Encoding: chunked\r\n\r\n5\r\nhello\r\n")
+        time.sleep(0.3)  # the relay has started streaming to the backend
+        s.settimeout(2)
+        with contextlib.suppress(OSError):
+            s.unwrap()  # close_notify: the client ends its side mid-body
+    time.sleep(0.5)
+    assert [r.path for r in app.seen[before:]] == []

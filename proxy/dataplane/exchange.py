@@ -121,7 +121,7 @@ class Body:
     """A request body in flight: the client side feeds it, the exchange reads it."""
 
     __slots__ = ("chunks", "consumed", "done", "last", "session", "size", "total",
-                 "waiter")
+                 "truncated", "waiter")
 
     def __init__(self, session: ClientSide) -> None:
         self.session = session
@@ -131,6 +131,7 @@ class Body:
         self.last = 0.0
         self.consumed = False
         self.done = False
+        self.truncated = False
         self.waiter: asyncio.Future[None] | None = None
 
     def feed(self, data: bytes) -> None:
@@ -144,6 +145,13 @@ class Body:
     def finish(self) -> None:
         self.done = True
         self._wake()
+
+    def cut(self) -> None:
+        """The client went away mid-body: end it as incomplete, so the relay never
+        frames what it has as a whole request."""
+        if not self.done:
+            self.truncated = True
+        self.finish()
 
     def _wake(self) -> None:
         waiter, self.waiter = self.waiter, None
@@ -542,6 +550,11 @@ class Exchange:
             else:
                 conn.write(data)
             await conn.drain()
+        if req.body.truncated:
+            # A cut upload must not reach the app looking complete (a chunked body
+            # would get its final 0-chunk): reset the backend connection instead.
+            self.fail("request_body_incomplete", 400)
+            return
         if chunked and conn.usable and not self.settled:
             conn.write(b"0\r\n\r\n")
 

@@ -117,7 +117,7 @@ class HttpSession(asyncio.Protocol):
             self._timer.cancel()
             self._timer = None
         if self._current is not None:
-            self._current.body.finish()
+            self._current.body.cut()
         if self._resp is not None:
             self._resp.client_gone()
 
@@ -178,9 +178,10 @@ class HttpSession(asyncio.Protocol):
     def eof_received(self) -> bool | None:
         if self._tunnel is not None:
             return None  # half-close ends the tunnel: connection_lost tells the backend
-        # The client half-closed: finish what is in flight, then close.
+        # The client half-closed: finish what is in flight, then close. A body still
+        # being received is incomplete, not finished.
         if self._current is not None:
-            self._current.body.finish()
+            self._current.body.cut()
         if not self._queue and self._resp is None and self.transport is not None:
             self.transport.close()
         # A TLS transport cannot stay half-open (returning True there only logs a
