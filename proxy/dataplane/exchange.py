@@ -26,7 +26,7 @@ import time
 from collections import deque
 from typing import TYPE_CHECKING, Protocol
 
-from proxy import metrics
+from proxy import metrics, routing
 from proxy.dataplane.accesslog import AccessLog
 from proxy.dataplane.upstream import BadResponse, PoolFull, UpstreamConnection, UpstreamPool
 from proxy.routing import App, Backend, RouteTable
@@ -238,15 +238,8 @@ def _tokens(connection: bytes) -> frozenset[bytes]:
 
 
 def split_host(value: bytes) -> str:
-    """Host header value -> lower-case host without port or trailing dot."""
-    host = value.strip().lower().decode("latin-1")
-    if host.startswith("["):
-        end = host.find("]")
-        return host[: end + 1] if end > 0 else host
-    colon = host.rfind(":")
-    if colon >= 0:
-        host = host[:colon]
-    return host.rstrip(".")
+    """Host header bytes -> lower-case host without port or trailing dot."""
+    return routing.split_host(value.decode("latin-1"))
 
 
 class Exchange:
