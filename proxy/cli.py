@@ -45,6 +45,7 @@ def _parser() -> argparse.ArgumentParser:
                       help="where to write the demo config, certificates and store")
     demo.add_argument("--https-port", type=int, default=8443)
     demo.add_argument("--http-port", type=int, default=8080)
+    demo.add_argument("--metrics-port", type=int, default=9100)
     from proxy import domains_cli
 
     domains_cli.add_parsers(sub)
@@ -90,7 +91,8 @@ def _dispatch(args: argparse.Namespace) -> int:
         if args.command == "demo":
             from proxy import demo
 
-            return demo.run(args.dir, https_port=args.https_port, http_port=args.http_port)
+            return demo.run(args.dir, https_port=args.https_port, http_port=args.http_port,
+                            metrics_port=args.metrics_port)
         if args.command in ("domains", "csr"):
             from proxy import domains_cli
 

@@ -76,7 +76,7 @@ class _Hello(BaseHTTPRequestHandler):
         pass
 
 
-def run(directory: str, *, https_port: int, http_port: int) -> int:
+def run(directory: str, *, https_port: int, http_port: int, metrics_port: int = 9100) -> int:
     from proxy import app
 
     folder = Path(directory).resolve()
@@ -90,7 +90,7 @@ def run(directory: str, *, https_port: int, http_port: int) -> int:
         f"# Written by `tlsedge demo`; the backend port changes at every start.\n"
         f"platform_domain: {PLATFORM}\n"
         f"listen: {{https: \"127.0.0.1:{https_port}\", http: \"127.0.0.1:{http_port}\","
-        f" metrics: \"127.0.0.1:9100\"}}\n"
+        f" metrics: \"127.0.0.1:{metrics_port}\"}}\n"
         "workers: 1\n"
         "tls:\n"
         "  platform_certificate: {cert: platform.pem, key: platform.key}\n"
@@ -106,7 +106,7 @@ def run(directory: str, *, https_port: int, http_port: int) -> int:
               f"  curl --cacert {folder}/ca.pem --resolve {CUSTOM}:{https_port}:127.0.0.1"
               f" https://{CUSTOM}:{https_port}/\n"
               f"  curl -i --resolve {CUSTOM}:{http_port}:127.0.0.1 http://{CUSTOM}:{http_port}/"
-              f"\n  curl -s http://127.0.0.1:9100/metrics | grep tlsedge_\n"
+              f"\n  curl -s http://127.0.0.1:{metrics_port}/metrics | grep tlsedge_\n"
               f"Ctrl-C stops it.\n", flush=True)
 
     try:
