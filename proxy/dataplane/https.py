@@ -508,11 +508,11 @@ class HttpSession(asyncio.Protocol):
         selector = self.live.selector
         table, cache = selector.table, selector.cache
         entry, _ = table.lookup(host)
-        if (entry is not None and entry.bundle.fingerprint in cache
+        if (entry is not None and entry.fingerprint in cache
                 and cache.get(entry) is connection_ctx):
             return True
         default = table.default
-        if (default is not None and default.bundle.fingerprint in cache
+        if (default is not None and default.fingerprint in cache
                 and cache.get(default) is connection_ctx):
             return default.bundle.covers(host)
         return False
