@@ -14,6 +14,7 @@ from typing import Any
 
 import pytest
 from selenium import webdriver
+from selenium.common.exceptions import NoSuchElementException, StaleElementReferenceException
 from selenium.webdriver.chrome.options import Options
 from selenium.webdriver.chrome.service import Service
 from selenium.webdriver.common.by import By
@@ -85,7 +86,11 @@ def cell(driver: WebDriver, name: str, field: str) -> str:
 
 
 def wait_for(driver: WebDriver, condition: Any, timeout: float = 10.0) -> Any:
-    return WebDriverWait(driver, timeout, poll_frequency=0.1).until(condition)
+    """Poll until `condition` holds. A click that navigates returns before the new page
+    is there, so every look after a click goes through here."""
+    return WebDriverWait(driver, timeout, poll_frequency=0.1,
+                         ignored_exceptions=(NoSuchElementException,
+                                             StaleElementReferenceException)).until(condition)
 
 
 def test_dashboard_login_statuses_upload_and_validation_error(
@@ -99,10 +104,12 @@ def test_dashboard_login_statuses_upload_and_validation_error(
         assert browser.current_url == base + "/login"
         browser.find_element(By.ID, "token").send_keys("not the token")
         browser.find_element(By.ID, "login").click()
-        assert browser.find_element(By.ID, "error").text == "Wrong admin token."
+        error = wait_for(browser, lambda d: d.find_element(By.ID, "error"))
+        assert error.text == "Wrong admin token."
         browser.find_element(By.ID, "token").send_keys(admin_token(edge))
         browser.find_element(By.ID, "login").click()
-        wait_for(browser, lambda d: d.current_url == base + "/domains")
+        wait_for(browser, lambda d: d.current_url == base + "/domains"
+                 and row(d, "broken.example"))
 
         expected = {"www.pending.example": ("Pending DNS", "s-pending_dns", "Platform"),
                     "creating.example": ("Creating", "s-creating", "Platform"),
@@ -133,7 +140,8 @@ def test_dashboard_login_statuses_upload_and_validation_error(
         cert_file, key_file = good.write(tmp_path, "shop")
         _, wrong_key = other.write(tmp_path, "other")
         row(browser, "shop.example").find_element(By.CSS_SELECTOR, "a.domain").click()
-        wait_for(browser, lambda d: d.current_url == base + "/domains/shop.example")
+        wait_for(browser, lambda d: d.current_url == base + "/domains/shop.example"
+                 and d.find_element(By.ID, "validate"))
         browser.find_element(By.ID, "certificate").send_keys(cert_file)
         browser.find_element(By.ID, "key").send_keys(wrong_key)
         browser.find_element(By.ID, "validate").click()
@@ -162,7 +170,7 @@ def test_dashboard_login_statuses_upload_and_validation_error(
 
         # Back on the table, then the screenshot of the domains page.
         browser.find_element(By.LINK_TEXT, "← Domains").click()
-        wait_for(browser, lambda d: d.current_url == base + "/domains")
-        assert cell(browser, "shop.example", "in_use") == "Custom"
+        wait_for(browser, lambda d: d.current_url == base + "/domains"
+                 and cell(d, "shop.example", "in_use") == "Custom")
         browser.set_window_size(1280, 1100)
         assert browser.save_screenshot(str(ARTIFACTS / "dashboard.png"))
