@@ -67,6 +67,12 @@ class Store(_Strict, frozen=True):
     username: str | None = None
     password_file: str | None = None
     timeout: float = 5.0
+    # Store domains whose certificate records (PEM) a worker keeps in memory, ~1.7 kB
+    # each. A store with at most this many domains is read whole at start and every
+    # certificate is served through a store outage; past it, a worker reads names and
+    # routes at start and a certificate on its name's first handshake (one store read),
+    # keeping the most recently used ones.
+    resident_certificates: int = 100_000
 
 
 class Node(_Strict, frozen=True):
@@ -271,6 +277,8 @@ def _resolve(config: Config, file: Path) -> Config:
         certificates=tuple(cert_files(c, f"tls.certificates[{i}]")
                            for i, c in enumerate(config.tls.certificates)),
     )
+    if config.store.resident_certificates < 1:
+        raise ConfigError(f"{label}: store.resident_certificates: must be at least 1")
     if tls.context_cache_size < 1:
         raise ConfigError(f"{label}: tls.context_cache_size: must be at least 1")
     if not 0 <= tls.session_tickets <= 16:

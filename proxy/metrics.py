@@ -63,6 +63,23 @@ CONTEXT_CACHE_SIZE = Gauge(
     "SSLContexts held in the bounded cache, per worker summed.",
     multiprocess_mode="livesum",
 )
+CERTIFICATES_RESIDENT = Gauge(
+    "tlsedge_store_certificates_resident",
+    "Store domains whose certificate records a worker holds in memory, per worker "
+    "summed (store.resident_certificates bounds each worker).",
+    multiprocess_mode="livesum",
+)
+CERTIFICATE_LOADS = Counter(
+    "tlsedge_store_certificate_loads_total",
+    "Store domains' certificates read on first use, before a handshake, by result "
+    "(ok, failed).",
+    ["result"],
+)
+CERTIFICATE_LOAD_SECONDS = Histogram(
+    "tlsedge_store_certificate_load_seconds",
+    "Time a handshake waited for its domain's certificate records to be read.",
+    buckets=(0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1.0, 5.0),
+)
 ACTIVE_CONNECTIONS = Gauge(
     "tlsedge_active_connections",
     "Client connections open now, by listener (https, http).",

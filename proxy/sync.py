@@ -13,7 +13,8 @@ import contextlib
 import ctypes
 import logging
 import time
-from collections.abc import Callable
+from collections import OrderedDict
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 
 import msgspec
@@ -98,32 +99,41 @@ class StoreState:
     """The store as the data plane needs it; sync's private, mutable working copy.
 
     A watch event touches only the entry it names. Snapshots built from it are
-    immutable copies.
+    immutable copies; the one mutable thing they point at is a domain's slot.
 
     Certificates are kept in one of two forms, chosen by `with_pem`:
-    - a worker (True) keeps `entries`: store key -> StoredEntry, the record's bytes as
-      the store returned them plus the four fields compose reads (~1.7 kB a certificate
-      with its keys; a decoded record and a bundle copy took ~4 kB). The PEM is decoded
-      from those bytes only when a context is built, in memory, on a cache miss.
+    - a worker (True) keeps `slots`: domain name -> DomainSlot, created for every
+      store domain. A slot holds the domain's certificate records as the store
+      returned them (~1.7 kB each) once loaded; `resident` bounds how many are (LRU,
+      store.resident_certificates). A store with no more domains than that is read
+      whole at start; past it, a slot is loaded on its name's first handshake (the
+      listener reads the ClientHello's SNI and waits for `SlotLoader.prepare`).
     - the supervisor (False) keeps `certs`: store key -> CertMeta, no PEM at all: it
       serves no TLS and needs the metadata only (views, expiry metrics).
     """
 
     domains: dict[str, rec.DomainRecord] = field(default_factory=dict)
     certs: dict[str, rec.CertMeta] = field(default_factory=dict)  # by store key
-    entries: dict[str, CertEntry] = field(default_factory=dict)  # by store key
+    slots: dict[str, DomainSlot] = field(default_factory=dict)  # by domain name
     apps: dict[str, rec.AppRecord] = field(default_factory=dict)
     challenges: dict[str, str] = field(default_factory=dict)
     # Kept for views and metrics (the supervisor only); never affects what is served.
     statuses: dict[str, rec.StatusRecord] = field(default_factory=dict)
     revision: int = 0
     with_pem: bool = True
+    resident: Resident = field(default_factory=lambda: Resident(100_000))
     # What changed since a Composer last looked (a worker's state only): the domains
-    # whose certificate choice may differ, whether routes may differ, and `reset` when
-    # everything was (re)loaded.
+    # added or removed, whether routes may differ, and `reset` when everything was
+    # (re)loaded. A certificate change touches no table: it changes its slot in place.
     touched: set[str] = field(default_factory=set)
     routes_touched: bool = False
     reset: bool = True
+    # The earliest time a resident certificate starts or stops being valid (may be
+    # stale-early: then one re-check finds nothing to change).
+    next_change: float | None = None
+    # Slots created by a domain event, to load in the background while `resident`
+    # has room (so a store under the limit stays fully in memory).
+    fresh: list[DomainSlot] = field(default_factory=list)
 
     def apply(self, key: str, value: bytes | None) -> bool:
         """Apply one change; True when it matters to the data plane."""
@@ -132,12 +142,14 @@ class StoreState:
                 name = key[len(rec.DOMAINS):]
                 _put(self.domains, name, value, rec.DomainRecord)
                 if self.with_pem:
-                    self.touched.add(name)
-                    self.routes_touched = True
+                    self._domain_changed(name, value is not None)
             elif key.startswith(rec.CERTS):
-                self._apply_cert(key, value)
                 if self.with_pem:
-                    self.touched.add(key[len(rec.CERTS):].rpartition("/")[0])
+                    return self._slot_cert(key, value)
+                if value is None:
+                    self.certs.pop(key, None)
+                else:
+                    self.certs[key] = rec.decode(value, rec.CertMeta)  # skips the PEM
             elif key.startswith(rec.APPS):
                 _put(self.apps, key[len(rec.APPS):], value, rec.AppRecord)
                 self.routes_touched = self.with_pem
@@ -158,6 +170,45 @@ class StoreState:
             return False
         return True
 
+    def _domain_changed(self, name: str, present: bool) -> None:
+        self.touched.add(name)
+        self.routes_touched = True
+        if not present:
+            slot = self.slots.pop(name, None)
+            if slot is not None:
+                self.resident.discard(slot)
+        elif name not in self.slots:
+            slot = self.slots[name] = DomainSlot(name)
+            self.fresh.append(slot)
+
+    def _slot_cert(self, key: str, value: bytes | None) -> bool:
+        """A certificate record changed: a loaded slot takes it in place (the table
+        keeps pointing at the slot); one not loaded reads it on first use."""
+        name, _, source = key[len(rec.CERTS):].rpartition("/")
+        slot = self.slots.get(name)
+        if slot is None or source not in ("custom", "acme"):
+            return False
+        slot.generation += 1  # a load in flight re-reads
+        if not slot.loaded:
+            return False
+        record = StoredEntry(value) if value is not None else None
+        if source == "custom":
+            slot.custom = record
+        else:
+            slot.acme = record
+        self.note(slot.choose(time.time()))
+        return True
+
+    def note(self, boundary: float | None) -> None:
+        if boundary is not None and (self.next_change is None or boundary < self.next_change):
+            self.next_change = boundary
+
+    def rechoose(self, now: float) -> None:
+        """A certificate started or stopped being valid: re-pick every resident slot."""
+        self.next_change = None
+        for slot in self.resident.slots.values():
+            self.note(slot.choose(now))
+
     def load(self, prefix: str, items: list[Item]) -> None:
         """Apply a whole scan of `prefix`: one comprehension instead of a dispatch per
         record (load_state's path; ~3x faster at 100,000 records)."""
@@ -165,8 +216,13 @@ class StoreState:
             if prefix == rec.DOMAINS:
                 decode, cut = _domain_decoder.decode, len(rec.DOMAINS)
                 self.domains.update({i.key[cut:]: decode(i.value) for i in items})
+                if self.with_pem:
+                    slots = self.slots
+                    for name in self.domains:
+                        if name not in slots:
+                            slots[name] = DomainSlot(name)
             elif prefix == rec.CERTS and self.with_pem:
-                self.entries.update({i.key: StoredEntry(i.value) for i in items})
+                self._fill_all(items)
             elif prefix == rec.CERTS:
                 meta = _meta_decoder.decode
                 self.certs.update({i.key: meta(i.value) for i in items})
@@ -176,14 +232,65 @@ class StoreState:
             for item in items:
                 self.apply(item.key, item.value)
 
-    def _apply_cert(self, key: str, value: bytes | None) -> None:
-        if value is None:
-            self.certs.pop(key, None)
-            self.entries.pop(key, None)
-        elif not self.with_pem:
-            self.certs[key] = rec.decode(value, rec.CertMeta)  # skips the PEM fields
-        else:
-            self.entries[key] = StoredEntry(value)
+    def _fill_all(self, items: list[Item]) -> None:
+        """The whole certs/ scan (a store within the resident limit): every slot loaded,
+        those without a certificate too (nothing left to read on first use)."""
+        found: dict[str, dict[str, StoredEntry]] = {}
+        cut = len(rec.CERTS)
+        for item in items:
+            name, _, source = item.key[cut:].rpartition("/")
+            if name in self.slots:
+                try:
+                    found.setdefault(name, {})[source] = StoredEntry(item.value)
+                except (ValueError, BundleError) as exc:
+                    log.error("ignoring unreadable store record %s: %s", item.key, exc)
+        now = time.time()
+        for name, slot in self.slots.items():
+            records = found.get(name, {})
+            self.note(slot.fill(records.get("custom"), records.get("acme"), now))
+            self.resident.add(slot)
+
+
+class Resident:
+    """The loaded slots, least recently used first; past `capacity` the oldest one not
+    used in the last `hold` seconds is unloaded (a slot just prepared for a handshake
+    is not dropped before that handshake picks it: a few loop turns later)."""
+
+    def __init__(self, capacity: int, hold: float = 1.0) -> None:
+        self.capacity = capacity
+        self.hold = hold
+        self.slots: OrderedDict[str, DomainSlot] = OrderedDict()
+
+    def add(self, slot: DomainSlot) -> None:
+        self.slots[slot.name] = slot
+        self.slots.move_to_end(slot.name)
+        if len(self.slots) > self.capacity:
+            self._evict()
+        metrics.CERTIFICATES_RESIDENT.set(len(self.slots))
+
+    def touch(self, slot: DomainSlot, now: float) -> None:
+        slot.used = now
+        self.slots.move_to_end(slot.name)
+        if len(self.slots) > self.capacity:  # over since the hold kept some: trim now
+            self._evict()
+            metrics.CERTIFICATES_RESIDENT.set(len(self.slots))
+
+    def discard(self, slot: DomainSlot) -> None:
+        if self.slots.pop(slot.name, None) is not None:
+            metrics.CERTIFICATES_RESIDENT.set(len(self.slots))
+
+    def has_room(self) -> bool:
+        return len(self.slots) < self.capacity
+
+    def _evict(self) -> None:
+        recent = time.monotonic() - self.hold
+        slots = self.slots
+        while len(slots) > self.capacity:
+            name, slot = next(iter(slots.items()))
+            if slot.used > recent:
+                return  # all the rest were used more recently still: over, for now
+            del slots[name]
+            slot.unload()
 
 
 _domain_decoder = msgspec.json.Decoder(rec.DomainRecord)
@@ -226,6 +333,70 @@ class StoredEntry(CertEntry):
         return bundle
 
 
+class DomainSlot(CertEntry):
+    """One store domain's certificate as a worker's tables hold it: the table maps the
+    name to this slot for as long as the domain exists, and the slot changes in place
+    (on the loop thread, between handshakes) as its records are loaded, replaced,
+    become valid or expire, or are unloaded to bound memory. The SNI callback reads it
+    like any entry: `fingerprint` set = serve it; "" and loaded = no certificate (the
+    table falls back); not loaded = the listener must load it first.
+
+    Holds the custom and ACME records as StoredEntry (bytes; PEM decoded only when a
+    context is built) and serves what records.serving_certificate picks.
+    """
+
+    __slots__ = ("acme", "chosen", "custom", "generation", "loaded", "name", "used")
+
+    def __init__(self, name: str) -> None:  # the base's __init__ wants a bundle
+        self.name = name
+        self.custom: StoredEntry | None = None
+        self.acme: StoredEntry | None = None
+        self.chosen: StoredEntry | None = None
+        self.loaded = False
+        self.generation = 0  # bumped by every certificate event for this domain
+        self.used = 0.0  # time.monotonic() of the last handshake prepared for it
+        self._clear()
+
+    def _clear(self) -> None:
+        self.chosen = None
+        self.fingerprint = ""
+        self.source = "acme"
+        self.not_before = self.not_after = 0.0
+
+    def fill(self, custom: StoredEntry | None, acme: StoredEntry | None,
+             now: float) -> float | None:
+        self.custom, self.acme, self.loaded = custom, acme, True
+        return self.choose(now)
+
+    def choose(self, now: float) -> float | None:
+        """Serve what the product rule picks now; the next time that may change."""
+        chosen = rec.serving_certificate(self.custom, self.acme, now)
+        if chosen is None:
+            self._clear()
+        else:
+            self.chosen = chosen
+            self.fingerprint = chosen.fingerprint
+            self.source = chosen.source
+            self.not_before = chosen.not_before
+            self.not_after = chosen.not_after
+        return min((t for r in (self.custom, self.acme) if r is not None
+                    for t in (r.not_before, r.not_after) if t > now), default=None)
+
+    def unload(self) -> None:
+        self.custom = self.acme = None
+        self.loaded = False
+        self._clear()
+
+    @property
+    def bundle(self) -> CertBundle:
+        if self.chosen is None:
+            raise BundleError(f"no certificate loaded for {self.name}")
+        return self.chosen.bundle
+
+    def __repr__(self) -> str:
+        return f"DomainSlot({self.name!r}, loaded={self.loaded}, {self.fingerprint[:16]!r})"
+
+
 def _put(table: dict[str, rec.T], name: str, value: bytes | None, kind: type[rec.T]) -> None:
     if value is None:
         table.pop(name, None)
@@ -233,20 +404,109 @@ def _put(table: dict[str, rec.T], name: str, value: bytes | None, kind: type[rec
         table[name] = rec.decode(value, kind)
 
 
-async def load_state(store: Store, *, with_pem: bool = True) -> StoreState:
+async def load_state(store: Store, *, with_pem: bool = True,
+                     resident: int = 100_000) -> StoreState:
     """Everything the data plane needs, read at one revision (or slightly after:
     replaying the watch from `revision` re-applies those changes idempotently).
 
-    A worker (with_pem) skips statuses: they never change what is served.
+    A worker (with_pem) skips statuses: they never change what is served; and reads
+    certificates only when the store holds at most `resident` domains (otherwise
+    each on first use, see StoreState).
     """
-    state = StoreState(revision=await store.revision(), with_pem=with_pem)
-    prefixes = [rec.DOMAINS, rec.CERTS, rec.APPS, rec.CHALLENGES]
-    for prefix in prefixes if with_pem else [*prefixes, rec.STATUS]:
+    state = StoreState(revision=await store.revision(), with_pem=with_pem,
+                       resident=Resident(resident))
+    prefixes = [rec.DOMAINS, rec.APPS, rec.CHALLENGES]
+    if not with_pem:
+        prefixes += [rec.CERTS, rec.STATUS]
+    for prefix in prefixes:
         items = await store.scan(prefix)
         state.load(prefix, items)
         del items
+    if with_pem and len(state.domains) <= resident:
+        items = await store.scan(rec.CERTS)
+        state.load(rec.CERTS, items)
+        del items
     _trim_heap()
     return state
+
+
+class SlotLoader:
+    """Reads a slot's certificate records from the store before its first handshake
+    (the listener awaits `prepare`), and in the background for domains added while
+    the worker has room to hold them all."""
+
+    def __init__(self, store: Store, state: StoreState) -> None:
+        self.store = store
+        self.state = state
+        self._loading: dict[str, asyncio.Task[None]] = {}
+        self._background: asyncio.Task[None] | None = None
+
+    def prepare(self, entry: CertEntry) -> Awaitable[None] | None:
+        """Called by the listener with the entry a ClientHello's name looked up: None
+        when the handshake can go ahead (most calls: one type check), else what to
+        await first. Marks the slot used."""
+        if type(entry) is not DomainSlot:
+            return None
+        if entry.loaded:
+            self.state.resident.touch(entry, time.monotonic())
+            return None
+        entry.used = time.monotonic()
+        return self.load(entry)
+
+    def load(self, slot: DomainSlot) -> Awaitable[None]:
+        """Read the slot's records (one read in flight per domain, shared); cancelling
+        what this returns stops the wait, not the read."""
+        task = self._loading.get(slot.name)
+        if task is None:
+            task = asyncio.get_running_loop().create_task(self._load(slot),
+                                                          name="certificate-read")
+            self._loading[slot.name] = task
+        return asyncio.shield(task)
+
+    async def _load(self, slot: DomainSlot) -> None:
+        started = time.monotonic()
+        try:
+            await self._read(slot)
+        except StoreError as exc:
+            metrics.CERTIFICATE_LOADS.labels("failed").inc()
+            log.warning("could not read the certificate of %s for a handshake: %s",
+                        slot.name, exc)
+        else:
+            metrics.CERTIFICATE_LOADS.labels("ok").inc()
+            metrics.CERTIFICATE_LOAD_SECONDS.observe(time.monotonic() - started)
+        finally:
+            del self._loading[slot.name]
+
+    async def _read(self, slot: DomainSlot) -> None:
+        prefix = f"{rec.CERTS}{slot.name}/"
+        while True:
+            generation = slot.generation
+            items = await self.store.scan(prefix)
+            if slot.generation == generation:
+                break  # else an event for this domain came in meanwhile: read again
+        if self.state.slots.get(slot.name) is not slot or slot.loaded:
+            return  # the domain went away, or an event filled it meanwhile
+        records: dict[str, StoredEntry] = {}
+        for item in items:
+            try:
+                records[item.key.rpartition("/")[2]] = StoredEntry(item.value)
+            except (ValueError, BundleError) as exc:
+                log.error("ignoring unreadable store record %s: %s", item.key, exc)
+        self.state.note(slot.fill(records.get("custom"), records.get("acme"), time.time()))
+        self.state.resident.add(slot)
+
+    def load_fresh(self) -> None:
+        """Load, in the background, the slots domain events created, while there is room."""
+        if self.state.fresh and (self._background is None or self._background.done()):
+            self._background = asyncio.get_running_loop().create_task(
+                self._load_fresh(), name="load-new-domains")
+
+    async def _load_fresh(self) -> None:
+        state = self.state
+        while state.fresh:
+            slot = state.fresh.pop()
+            if not slot.loaded and state.resident.has_room():
+                await self.load(slot)
 
 
 def _trim_heap() -> None:
@@ -282,28 +542,21 @@ class Composed:
 
 
 def compose(static: Snapshot, state: StoreState, now: float) -> Composed:
-    """Merge config and store into the tables a worker serves from (`state` must hold
-    PEM: with_pem=True). Builds no SSLContext and copies no PEM: each domain points
-    at the CertEntry its state holds, so an unchanged certificate keeps its identity.
-    ~0.15 s at 100,000 domains: a worker runs it at start, on SIGHUP and when a
-    certificate starts or stops being valid; store events go through Composer.update.
+    """Merge config and store into the tables a worker serves from (`state` must be a
+    worker's: with_pem=True). Builds no SSLContext and reads no record: every store
+    domain's name points at its slot, which wins over the ops certificate files
+    while it has a certificate (the table falls back to them when it has none).
+    ~0.15 s at 100,000 domains: a worker runs it at start and on SIGHUP; store events
+    go through Composer.update.
     """
-    names = _static_names(static)
-    entries = state.entries
-    serving = rec.serving_certificate
-    certs = rec.CERTS
-    for name in state.domains:
-        chosen = serving(entries.get(f"{certs}{name}/custom"),
-                         entries.get(f"{certs}{name}/acme"), now)
-        if chosen is not None:
-            names[name] = chosen  # a domain's own certificate wins over ops files
-    # When a certificate starts or stops being valid: over every stored one (one of a
-    # deleted domain only makes the timer fire once for nothing).
-    next_change = min((t for e in entries.values() for t in (e.not_before, e.not_after)
-                       if t > now), default=None)
-    table = CertTable.build(names, static.default, reject_unknown=static.reject_unknown)
+    del now  # kept for the callers' symmetry with Composer.update
+    static_names = _static_names(static)
+    names: dict[str, CertEntry] = dict(static_names)
+    names.update(state.slots)
+    table = CertTable.build(names, static.default, reject_unknown=static.reject_unknown,
+                            fallback=CertTable.build(static_names, None).indexes())
     return Composed(table, compose_routes(static.config, state), dict(state.challenges),
-                    next_change)
+                    state.next_change)
 
 
 def _static_names(static: Snapshot) -> dict[str, CertEntry]:
@@ -318,18 +571,19 @@ class Composer:
     """A worker's composition, kept between rounds so that a batch of store events
     costs what it names: ~5 us a touched domain plus ~3 ms to copy the table's dicts
     at 100,000 names, where compose() takes ~0.15 s (and blocks the loop as long).
+    A batch of certificate events alone costs nothing here: slots change in place.
 
-    full() is compose() and remembers its result; update() re-derives only the
-    domains in `state.touched` (routes only when `routes_touched`), or falls back to
-    full() after a reload (`state.reset`). Worker loop only, not thread-safe.
+    full() is compose() and remembers its result; update() re-indexes only the
+    domains in `state.touched` (added or removed; routes only when
+    `routes_touched`), or falls back to full() after a reload (`state.reset`).
+    Worker loop only, not thread-safe.
     """
 
     def __init__(self) -> None:
         self._exact: dict[str, CertEntry] = {}
         self._wild: dict[str, CertEntry] = {}
         self._static: dict[str, CertEntry] = {}
-        self._routes: RouteTable | None = None
-        self._next_change: float | None = None
+        self._composed: Composed | None = None
 
     def full(self, static: Snapshot, state: StoreState, now: float) -> Composed:
         state.touched.clear()
@@ -337,34 +591,25 @@ class Composer:
         composed = compose(static, state, now)
         self._static = _static_names(static)
         self._exact, self._wild = composed.certs.indexes()
-        self._routes = composed.routes
-        self._next_change = composed.next_change
+        self._composed = composed
         return composed
 
     def update(self, static: Snapshot, state: StoreState, now: float) -> Composed:
-        if state.reset or self._routes is None:
+        last = self._composed
+        if state.reset or last is None:
             return self.full(static, state, now)
-        touched, state.touched = state.touched, set()
-        entries, certs = state.entries, rec.CERTS
-        next_change = self._next_change if (self._next_change or 0.0) > now else None
-        for name in touched:
-            chosen: CertEntry | None = None
-            if name in state.domains:
-                custom = entries.get(f"{certs}{name}/custom")
-                acme = entries.get(f"{certs}{name}/acme")
-                chosen = rec.serving_certificate(custom, acme, now)
-                for entry in (custom, acme):
-                    for t in (entry.not_before, entry.not_after) if entry else ():
-                        if t > now and (next_change is None or t < next_change):
-                            next_change = t
-            self._index(name, chosen or self._static.get(name))
-        self._next_change = next_change
+        certs, routes = last.certs, last.routes
+        if state.touched:
+            touched, state.touched = state.touched, set()
+            for name in touched:
+                self._index(name, state.slots.get(name) or self._static.get(name))
+            certs = CertTable(dict(self._exact), dict(self._wild), static.default,
+                              static.reject_unknown, certs.fallback)
         if state.routes_touched:
             state.routes_touched = False
-            self._routes = compose_routes(static.config, state)
-        table = CertTable(dict(self._exact), dict(self._wild), static.default,
-                          static.reject_unknown)
-        return Composed(table, self._routes, dict(state.challenges), next_change)
+            routes = compose_routes(static.config, state)
+        self._composed = Composed(certs, routes, dict(state.challenges), state.next_change)
+        return self._composed
 
     def _index(self, name: str, entry: CertEntry | None) -> None:
         """Put (or, entry None, remove) `name` the way CertTable.build indexes it."""
@@ -415,7 +660,8 @@ class StoreFollower:
             except Compacted:
                 log.warning("store history compacted past revision %d; reloading",
                             self.state.revision)
-                fresh = await load_state(self.store, with_pem=self.state.with_pem)
+                fresh = await load_state(self.store, with_pem=self.state.with_pem,
+                                         resident=self.state.resident.capacity)
                 self.state.__dict__.update(fresh.__dict__)
                 self._schedule()
             except StoreError as exc:

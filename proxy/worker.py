@@ -31,6 +31,7 @@ from proxy.store.base import Store
 from proxy.sync import (
     Composed,
     Composer,
+    SlotLoader,
     Snapshot,
     StoreFollower,
     StoreState,
@@ -74,6 +75,8 @@ class WorkerNode:
                          reject_misdirected=config.tls.reject_misdirected,
                          access_log=config.access_log)
         self.live.challenge_fallback = self._challenge_from_store
+        self.loader = SlotLoader(store, state)
+        self.live.prepare_certificate = self.loader.prepare
         self._arm(composed.next_change)
 
     def _base(self, selector: CertSelector) -> Any:
@@ -86,8 +89,16 @@ class WorkerNode:
         self._swap(self.composer.full(self.static, self.state, time.time()))
 
     def apply_store_changes(self) -> None:
-        """After a batch of store events: re-derive only the domains they named; swap."""
+        """After a batch of store events: re-index only the domains they added or
+        removed; swap. Load new domains' certificates while there is room."""
         self._swap(self.composer.update(self.static, self.state, time.time()))
+        self.loader.load_fresh()
+
+    def _validity_changed(self) -> None:
+        """A resident certificate started or stopped being valid: re-pick in place."""
+        self._timer = None
+        self.state.rechoose(time.time())
+        self._arm(self.state.next_change)
 
     def _swap(self, composed: Composed) -> None:
         live = self.live
@@ -105,7 +116,7 @@ class WorkerNode:
         if when is not None:
             loop = asyncio.get_running_loop()
             delay = max(0.0, when - time.time()) + 0.001
-            self._timer = loop.call_later(min(delay, 86400.0), self.recompose)
+            self._timer = loop.call_later(min(delay, 86400.0), self._validity_changed)
 
     def reload(self) -> None:
         """SIGHUP: re-read config and certificate files in a thread (parsing a thousand
@@ -160,7 +171,7 @@ class WorkerNode:
 async def serve(config_path: str, https_fd: int, http_fd: int, ready_fd: int) -> int:
     static = load_static(config_path)
     store = open_store(static.config)
-    state = await load_state(store)
+    state = await load_state(store, resident=static.config.store.resident_certificates)
     node = WorkerNode(config_path, static, store, state)
     follower = StoreFollower(store, state, node.apply_store_changes)
     follow = asyncio.create_task(follower.run(), name="store-follower")

@@ -24,7 +24,7 @@ from proxy.store import files
 from proxy.store import records as rec
 from proxy.store.base import Item
 from proxy.store.files import FileStore
-from proxy.sync import StoreState, load_state, store_expiry
+from proxy.sync import Resident, StoreState, load_state, store_expiry
 from tests.certgen import CA
 from tests.test_table import SETTINGS, served_fingerprint, tls_server
 
@@ -115,8 +115,8 @@ def test_a_worker_serves_store_certificates_without_touching_a_file_or_the_store
     state = asyncio.run(load())
     for path in sorted((tmp_path / "store").rglob("*"), reverse=True):  # store gone
         path.unlink() if path.is_file() else path.rmdir()
-    table = CertTable.build({name: state.entries[rec.cert_key(name, "acme")]
-                             for name in issued}, None)
+    assert all(state.slots[name].loaded for name in issued)  # a small store: read whole
+    table = CertTable.build({name: state.slots[name] for name in issued}, None)
     opened: list[tuple[str, Any]] = []
     inside = False
 
@@ -166,30 +166,41 @@ def _fake_records(count: int) -> list[tuple[str, bytes]]:
     return out
 
 
-@pytest.mark.parametrize(("with_pem", "bound"), [(True, 2300), (False, 1200)])
-def test_memory_kept_per_certificate_stays_bounded(with_pem: bool, bound: int) -> None:
+@pytest.mark.parametrize(("with_pem", "resident", "bound"),
+                         [(True, 10_000, 2300), (True, 100, 700), (False, 0, 1200)])
+def test_memory_kept_per_certificate_stays_bounded(with_pem: bool, resident: int,
+                                                   bound: int) -> None:
     """Measured on 10,000 domains, each with its certificate (record JSON ~1.27 kB, as
-    benchmarks/certs.py writes them): ~1.9 kB kept per domain in a worker (the record's
-    bytes and a small entry), ~0.8 kB in the supervisor (metadata, no PEM). The old
-    StoreState held ~3.9 kB (decoded PEM strings plus a bytes copy in every bundle)."""
+    benchmarks/certs.py writes them): ~1.9 kB kept per domain in a worker that holds
+    them all (the record's bytes and its slot), ~0.5 kB in one over its resident
+    limit (name, route and an empty slot: PEM is read on first use), ~0.8 kB in the
+    supervisor (metadata, no PEM). The first StoreState held ~3.9 kB (decoded PEM
+    strings plus a bytes copy in every bundle)."""
     count = 10_000
     gc.collect()
     tracemalloc.start()
     try:
         records = _fake_records(count)  # allocated while tracing: a worker keeps them
-        state = StoreState(with_pem=with_pem)
-        for key, value in records:
-            state.apply(key, value)
-        del records, key, value
+        state = StoreState(with_pem=with_pem, resident=Resident(max(resident, 1)))
+        # As load_state does: domains, then certificates only within the limit.
+        for prefix in (rec.DOMAINS, rec.CERTS):
+            if prefix == rec.CERTS and with_pem and count > resident:
+                continue
+            state.load(prefix, [Item(k, v, 1) for k, v in records if k.startswith(prefix)])
+        del records
         gc.collect()
         kept = tracemalloc.get_traced_memory()[0]
     finally:
         tracemalloc.stop()
     assert len(state.domains) == count
-    assert len(state.entries if with_pem else state.certs) == count
-    assert kept / count < bound, f"{kept / count:.0f} bytes per certificate"
-    if not with_pem:
+    if with_pem:
+        loaded = sum(slot.loaded for slot in state.slots.values())
+        assert loaded == (count if count <= resident else 0)
+        assert all(slot.fingerprint for slot in state.slots.values()) == bool(loaded)
+    else:
+        assert len(state.certs) == count
         assert len(store_expiry(state, time.time())) == count
+    assert kept / count < bound, f"{kept / count:.0f} bytes per certificate"
 
 
 def test_store_events_recompose_only_the_domains_they_name_with_the_full_result(
@@ -211,8 +222,8 @@ def test_store_events_recompose_only_the_domains_they_name_with_the_full_result(
     static = load_static(str(config))
     records = _fake_records(60)
     state = StoreState()
-    for key, value in records:
-        state.apply(key, value)
+    for prefix in (rec.DOMAINS, rec.CERTS):  # read whole, as a worker does at start
+        state.load(prefix, [Item(k, v, 1) for k, v in records if k.startswith(prefix)])
     composer = Composer()
     composer.full(static, state, time.time())
     rng = random.Random(5)

@@ -27,7 +27,7 @@ SOURCES = frozenset({"platform", "static", "custom", "acme"})
 
 # Bound once: .labels() costs a dict lookup and a lock per call.
 _COUNT = {word: SNI_LOOKUPS.labels(word)
-          for word in ("exact", "wildcard", "default", "rejected", "error")}
+          for word in ("exact", "wildcard", "default", "rejected", "error", "unloaded")}
 _UNRECOGNIZED = ssl.ALERT_DESCRIPTION_UNRECOGNIZED_NAME
 _INTERNAL = ssl.ALERT_DESCRIPTION_INTERNAL_ERROR
 
@@ -42,6 +42,10 @@ class CertEntry:
     """
 
     __slots__ = ("_bundle", "fingerprint", "not_after", "not_before", "source")
+
+    # False only for a store domain whose certificate is not in memory yet (see
+    # sync.DomainSlot): its `fingerprint` is "" until the listener has it loaded.
+    loaded = True
 
     def __init__(self, bundle: CertBundle, source: str) -> None:
         if source not in SOURCES:
@@ -107,20 +111,30 @@ class CertTable:
     lookup order: exact name, then the one-label wildcard "*.rest", then the default
     (None when reject_unknown or no default). No SNI (or an IP literal) gets the
     default even with reject_unknown: such a client has no name to be unknown.
+
+    An entry may be a store domain's slot (sync.DomainSlot) whose content changes in
+    place as its certificate is loaded, replaced or expires: a slot with no
+    certificate falls back to `fallback` (the ops certificate files' own indexes),
+    then on down the lookup order; one not loaded yet is answered "unloaded".
     """
 
-    __slots__ = ("_default", "_exact", "_reject_unknown", "_wild")
+    __slots__ = ("_default", "_exact", "_fallback", "_reject_unknown", "_wild")
 
     def __init__(self, exact: dict[str, CertEntry], wild: dict[str, CertEntry],
-                 default: CertEntry | None, reject_unknown: bool) -> None:
+                 default: CertEntry | None, reject_unknown: bool,
+                 fallback: tuple[dict[str, CertEntry], dict[str, CertEntry]] = ({}, {}),
+                 ) -> None:
         self._exact = exact
         self._wild = wild  # keyed by the suffix after '*': ".example.com"
         self._default = default
         self._reject_unknown = reject_unknown
+        self._fallback = fallback
 
     @classmethod
     def build(cls, names: Mapping[str, CertEntry], default: CertEntry | None, *,
-              reject_unknown: bool = False) -> CertTable:
+              reject_unknown: bool = False,
+              fallback: tuple[dict[str, CertEntry], dict[str, CertEntry]] = ({}, {}),
+              ) -> CertTable:
         """Keys are normalised names or "*.x.y" patterns (names.normalize).
 
         A "*.tld" pattern is not indexed: RFC 6125 lets it match nothing.
@@ -133,7 +147,7 @@ class CertTable:
                     wild[name[1:]] = entry
             else:
                 exact[name] = entry
-        return cls(exact, wild, default, reject_unknown)
+        return cls(exact, wild, default, reject_unknown, fallback)
 
     @classmethod
     def from_entries(cls, entries: Iterable[CertEntry], default: CertEntry | None, *,
@@ -146,17 +160,32 @@ class CertTable:
         return cls.build(names, default, reject_unknown=reject_unknown)
 
     def lookup(self, server_name: str | None) -> tuple[CertEntry | None, str]:
-        """(entry, how) with how in exact|wildcard|default|rejected; entry None = reject."""
+        """(entry, how) with how in exact|wildcard|default|rejected|unloaded; entry None
+        = reject. "unloaded": the name's certificate must be loaded before a handshake
+        (the entry is the slot to load)."""
         key = sni_key(server_name)
         if key is not None:
             entry = self._exact.get(key)
             if entry is not None:
-                return entry, "exact"
+                if entry.fingerprint:
+                    return entry, "exact"
+                if not entry.loaded:
+                    return entry, "unloaded"
+                entry = self._fallback[0].get(key)  # a store domain without a certificate
+                if entry is not None:
+                    return entry, "exact"
             dot = key.find(".")
             if dot > 0:
-                entry = self._wild.get(key[dot:])
+                suffix = key[dot:]
+                entry = self._wild.get(suffix)
                 if entry is not None:
-                    return entry, "wildcard"
+                    if entry.fingerprint:
+                        return entry, "wildcard"
+                    if not entry.loaded:
+                        return entry, "unloaded"
+                    entry = self._fallback[1].get(suffix)
+                    if entry is not None:
+                        return entry, "wildcard"
             if self._reject_unknown:
                 return None, "rejected"
         if self._default is None:
@@ -166,6 +195,10 @@ class CertTable:
     @property
     def default(self) -> CertEntry | None:
         return self._default
+
+    @property
+    def fallback(self) -> tuple[dict[str, CertEntry], dict[str, CertEntry]]:
+        return self._fallback
 
     def indexes(self) -> tuple[dict[str, CertEntry], dict[str, CertEntry]]:
         """Copies of (exact, wildcard) as the constructor takes them, for a caller that
@@ -209,6 +242,11 @@ class CertSelector:
             if entry is None:
                 _COUNT["rejected"].inc()
                 return _UNRECOGNIZED
+            if how == "unloaded":
+                # The listener loads a name's certificate before the handshake starts;
+                # this is a ClientHello it could not read, or a load that failed.
+                _COUNT["unloaded"].inc()
+                return _INTERNAL
             ssl_object.context = self.cache.get(entry)
             _COUNT[how].inc()
             return None

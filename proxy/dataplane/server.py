@@ -13,9 +13,11 @@ import logging
 import socket
 import ssl
 import time
-from typing import cast
+from collections.abc import Awaitable
+from typing import Any, cast
 
 from proxy import metrics
+from proxy.certs.clienthello import MAX_HELLO, MORE, NOT_HELLO, server_name
 from proxy.dataplane.accesslog import AccessLog
 from proxy.dataplane.http80 import PlainHttpSession
 from proxy.dataplane.https import HttpSession
@@ -27,9 +29,15 @@ log = logging.getLogger("tlsedge.server")
 
 
 class TlsAccept(asyncio.Protocol):
-    """A freshly accepted HTTPS-listener connection, until its handshake ends."""
+    """A freshly accepted HTTPS-listener connection, until its handshake ends.
 
-    __slots__ = ("_early", "_started", "_task", "session", "transport", "worker")
+    Reads the ClientHello first (never past it: the client sends nothing more before
+    the server's reply) and looks its server name up, so that a store certificate
+    not in memory yet is read before the handshake (the SNI callback must not do
+    I/O); then upgrades with start_tls and hands the bytes it read to the TLS side.
+    """
+
+    __slots__ = ("_early", "_started", "_task", "_timer", "session", "transport", "worker")
 
     def __init__(self, worker: Worker) -> None:
         self.worker = worker
@@ -37,7 +45,8 @@ class TlsAccept(asyncio.Protocol):
         self.session: HttpSession | None = None
         self._early = bytearray()
         self._started = 0.0
-        self._task: asyncio.Task[asyncio.Transport | None] | None = None
+        self._task: asyncio.Task[Any] | None = None
+        self._timer: asyncio.TimerHandle | None = None
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         worker = self.worker
@@ -49,29 +58,81 @@ class TlsAccept(asyncio.Protocol):
         worker.open_connections += 1
         self.transport = tcp
         self._started = time.monotonic()
-        peer = transport.get_extra_info("peername")
+        self._timer = worker.loop.call_later(worker.live.handshake_timeout, self._too_slow)
+
+    def data_received(self, data: bytes) -> None:
+        self._early += data
+        if self._task is not None or self._timer is None:
+            return  # upgrading: these bytes go over with the rest
+        name = server_name(self._early)
+        if name == MORE and len(self._early) <= MAX_HELLO + 512:
+            return
+        live = self.worker.live
+        entry = None
+        if name != MORE and name != NOT_HELLO and live.prepare_certificate is not None:
+            entry, _ = live.selector.table.lookup(name)
+        waiting = (live.prepare_certificate(entry)
+                   if entry is not None and live.prepare_certificate is not None else None)
+        if waiting is None:
+            self._upgrade()
+        else:
+            self._task = self.worker.loop.create_task(self._upgrade_after(waiting),
+                                                      name="certificate-load")
+
+    async def _upgrade_after(self, waiting: Awaitable[None]) -> None:
+        await waiting  # a failed read leaves the slot unloaded: the SNI callback refuses
+        self._task = None
+        if self.transport is not None and not self.transport.is_closing():
+            self._upgrade()
+
+    def _upgrade(self) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+        worker = self.worker
+        tcp = self.transport
+        assert tcp is not None
+        peer = tcp.get_extra_info("peername")
         session = HttpSession(worker.live, worker.pool, scheme="https",
                               port=worker.live.https_port,
                               peer=peer[0] if peer else "", on_lost=worker.session_closed,
                               access_log=worker.access_log)
         self.session = session
         loop = worker.loop
-        self._task = loop.create_task(
+        task = loop.create_task(
             loop.start_tls(tcp, session, worker.live.tls_context, server_side=True,
                            ssl_handshake_timeout=worker.live.handshake_timeout),
             name="tls-handshake")
-        self._task.add_done_callback(self._handshake_done)
+        self._task = task
+        task.add_done_callback(self._handshake_done)
         # start_tls swaps the transport's protocol in the task's first step and
-        # schedules the TLS protocol's connection_made; bytes we already read (uvloop
-        # may read the ClientHello before we could pause) must reach the TLS side
-        # after that, so hand them over two loop turns from now.
+        # schedules the TLS protocol's connection_made; the bytes we read (the
+        # ClientHello, and anything after it) must reach the TLS side after that, so
+        # hand them over two loop turns from now.
         loop.call_soon(loop.call_soon, self._hand_over_early_bytes)
 
-    def data_received(self, data: bytes) -> None:
-        self._early += data
+    def _too_slow(self) -> None:
+        """No whole ClientHello within the handshake timeout."""
+        self._timer = None
+        if self._task is not None or self.transport is None:
+            return
+        metrics.LIMITS_HIT.labels("handshake_timeout").inc()
+        metrics.HANDSHAKES.labels("timeout", "").inc()
+        self.transport.abort()
 
     def connection_lost(self, exc: BaseException | None) -> None:
-        pass
+        # Only called while we are still the protocol: before the upgrade.
+        if self.transport is None:
+            return
+        if self._timer is not None:  # left before its handshake started
+            self._timer.cancel()
+            self._timer = None
+            metrics.HANDSHAKES.labels("failed", "").inc()
+            if self._task is not None:
+                self._task.cancel()  # waiting for its certificate: the read goes on
+        if self.session is None:
+            self.worker.open_connections -= 1
+            self.transport = None
 
     def _hand_over_early_bytes(self) -> None:
         if not self._early or self.transport is None or self.transport.is_closing():

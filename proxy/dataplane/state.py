@@ -11,15 +11,15 @@ import ipaddress
 import ssl
 from collections.abc import Awaitable, Callable, Mapping
 
-from proxy.certs.table import CertSelector
+from proxy.certs.table import CertEntry, CertSelector
 from proxy.config import AccessLog, Limits
 from proxy.routing import RouteTable
 
 
 class Live:
     __slots__ = ("access_log", "challenge_fallback", "challenges", "handshake_timeout",
-                 "https_port", "limits", "reject_misdirected", "routes", "selector",
-                 "tls_context", "trusted_proxies")
+                 "https_port", "limits", "prepare_certificate", "reject_misdirected",
+                 "routes", "selector", "tls_context", "trusted_proxies")
 
     def __init__(self, *, selector: CertSelector, tls_context: ssl.SSLContext,
                  routes: RouteTable, limits: Limits, https_port: int,
@@ -40,6 +40,10 @@ class Live:
         # Asked on a challenge miss: a token written a moment ago may not have
         # reached this worker's snapshot yet (the composition root wires the store).
         self.challenge_fallback: Callable[[str], Awaitable[str | None]] | None = None
+        # Given the entry a ClientHello's server name looked up, before the handshake
+        # starts: None to go ahead, or something to await first (a store domain's
+        # certificate read on first use). Wired by the composition root.
+        self.prepare_certificate: Callable[[CertEntry], Awaitable[None] | None] | None = None
         # 421 when Host is outside the certificate the SNI chose (tls.reject_misdirected).
         self.reject_misdirected = reject_misdirected
         # Read once when the worker starts its listeners.
