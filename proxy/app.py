@@ -27,10 +27,11 @@ from proxy.registry import Registry, derive_view
 from proxy.store import check_store, open_store
 from proxy.store import records as rec
 from proxy.store.base import Store
-from proxy.sync import StoreFollower, load_state, load_static, store_expiry
+from proxy.sync import StoreFollower, StoreState, load_state, load_static, store_expiry
 
 if TYPE_CHECKING:
     from proxy.admin.server import AdminServer
+    from proxy.lifecycle.domains import Lifecycle
 
 log = logging.getLogger("tlsedge")
 
@@ -99,9 +100,9 @@ class Supervisor:
         self.store: Store | None = None
         # What /metrics reports about certificates and domains: replaced whole after
         # each store change (the scrape runs in another thread and only reads).
-        self.expiry: list[tuple[str, str, float]] = self.snapshot.expiry()
+        self.store_state: StoreState | None = None  # the supervisor's: metadata only
         self.domain_counts: dict[tuple[str, str], int] = {}
-        self._recompose: Callable[[], None] | None = None
+        self.lifecycle: Lifecycle | None = None
         # Bound now, so a busy port or a bad token file stops the start before any
         # worker runs; served from _node_tasks (it needs the store).
         self.admin: AdminServer | None = None
@@ -109,6 +110,14 @@ class Supervisor:
             from proxy.admin import server as admin_server
 
             self.admin = admin_server.AdminServer(config)
+
+    def expiry(self) -> list[tuple[str, str, float]]:
+        """(primary name, source, not_after) of every certificate served, at scrape time:
+        computed per scrape rather than per store event (O(domains) either way)."""
+        found = self.snapshot.expiry()
+        if self.store_state is not None:
+            found += store_expiry(self.store_state, time.time())
+        return found
 
     def start_metrics(self) -> None:
         address = self.snapshot.config.listen.metrics
@@ -119,9 +128,9 @@ class Supervisor:
 
         registry = CollectorRegistry()
         MultiProcessCollector(registry)  # type: ignore[no-untyped-call]
-        registry.register(metrics.CertificateExpiry(lambda: self.expiry))
+        registry.register(metrics.CertificateExpiry(self.expiry))
         registry.register(metrics.DomainCertificates(
-            lambda: (self.domain_counts, self.expiry), time.time))
+            lambda: (self.domain_counts, self.expiry()), time.time))
         host, port = parse_address(address, where="listen.metrics")
         try:
             self._metrics_server = start_http_server(port, addr=host, registry=registry)
@@ -193,8 +202,6 @@ class Supervisor:
         if (new.listen, new.workers) != (old.listen, old.workers):
             log.warning("listen addresses and worker count change only on restart")
         self.snapshot = snapshot
-        if self._recompose is not None:
-            self._recompose()
         for proc in self.procs:
             if proc is not None and proc.returncode is None:
                 proc.send_signal(signal.SIGHUP)
@@ -262,21 +269,40 @@ class Supervisor:
         store = self.store = self.store or open_store(config)
         # Metadata only (no PEM): the supervisor serves no TLS. Its load runs after the
         # workers are ready, off the path to the first handshake.
-        state = await load_state(store, with_pem=False)
+        state = self.store_state = await load_state(store, with_pem=False)
+        views: dict[str, tuple[str, str]] = {}  # domain -> (in_use, status) as counted
+        counts: dict[tuple[str, str], int] = {}
 
-        def changed() -> None:
-            now = time.time()
-            self.expiry = self.snapshot.expiry() + store_expiry(state, now)
-            counts: dict[tuple[str, str], int] = {}
-            for name, domain in state.domains.items():
+        def recount(name: str, now: float) -> None:
+            old = views.pop(name, None)
+            if old is not None:
+                counts[old] -= 1
+                if not counts[old]:
+                    del counts[old]
+            domain = state.domains.get(name)
+            if domain is not None:
                 view = derive_view(domain, state.certs.get(rec.cert_key(name, "custom")),
                                    state.certs.get(rec.cert_key(name, "acme")),
                                    state.statuses.get(name), now)
-                key = (view.in_use, view.status)
+                key = views[name] = (view.in_use, view.status)
                 counts[key] = counts.get(key, 0) + 1
-            self.domain_counts = counts
 
-        self._recompose = changed
+        def changed() -> None:
+            """After a batch of store events: recount only the domains they named (all
+            of them after a reload), and tell the lifecycle which ones to look at."""
+            now = time.time()
+            touched, state.touched = state.touched, set()
+            if state.reset:
+                state.reset = False
+                views.clear()
+                counts.clear()
+                touched = set(state.domains)
+            for name in touched:
+                recount(name, now)
+            self.domain_counts = dict(counts)
+            if self.lifecycle is not None:
+                self.lifecycle.notify(touched)
+
         changed()
         state_follower = StoreFollower(store, state, changed)
         tasks = [asyncio.create_task(state_follower.run(), name="supervisor-store")]
@@ -313,9 +339,9 @@ class Supervisor:
                                      resolvers=acme.dns.resolvers))
         registry = Registry(store, platform_domain=config.platform_domain,
                             apps=config.apps.keys())
-        lifecycle = Lifecycle(store, registry, client, dns, LifecycleSettings(
+        lifecycle = self.lifecycle = Lifecycle(store, registry, client, dns, LifecycleSettings(
             check_interval=acme.dns.check_interval, concurrency=acme.concurrency,
-            lock_ttl=acme.lock_ttl))
+            lock_ttl=acme.lock_ttl, rescan=300.0))
         try:
             await lifecycle.run(stop)
         finally:

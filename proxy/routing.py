@@ -55,7 +55,9 @@ class RouteTable:
     """Immutable map from a request's Host to its app.
 
     `<app>.<platform_domain>` routes to app `<app>`; custom domains route through
-    the `domains` map. Lookups take an already lower-cased host without port.
+    the `domains` map (host -> app name; a dict, or the immutables.Map a worker's
+    composer updates per store event without copying a million names). Lookups
+    take an already lower-cased host without port.
     """
 
     __slots__ = ("_apps", "_domains", "_suffix", "platform_domain")
@@ -65,20 +67,23 @@ class RouteTable:
         self.platform_domain = platform_domain
         self._suffix = "." + platform_domain
         self._apps = dict(apps)
-        self._domains = {d: self._apps[a] for d, a in domains.items() if a in self._apps}
+        self._domains = domains  # never mutated: the caller hands over its own copy
 
     @property
     def apps(self) -> Mapping[str, App]:
         return self._apps
 
     @property
-    def domains(self) -> Mapping[str, App]:
+    def domains(self) -> Mapping[str, str]:
+        """Custom domain -> app name (an app missing from `apps` routes nowhere)."""
         return self._domains
 
     def resolve(self, host: str) -> App | None:
-        app = self._domains.get(host)
-        if app is not None:
-            return app
+        name = self._domains.get(host)
+        if name is not None:
+            app = self._apps.get(name)
+            if app is not None:
+                return app
         if host.endswith(self._suffix):
             label = host[: -len(self._suffix)]
             if label and "." not in label:

@@ -120,7 +120,7 @@ class CertTable:
 
     __slots__ = ("_default", "_exact", "_fallback", "_reject_unknown", "_wild")
 
-    def __init__(self, exact: dict[str, CertEntry], wild: dict[str, CertEntry],
+    def __init__(self, exact: Mapping[str, CertEntry], wild: Mapping[str, CertEntry],
                  default: CertEntry | None, reject_unknown: bool,
                  fallback: tuple[dict[str, CertEntry], dict[str, CertEntry]] = ({}, {}),
                  ) -> None:

@@ -11,9 +11,10 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import heapq
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
 from proxy import metrics
@@ -50,6 +51,11 @@ class LifecycleSettings:
     lock_ttl: float = 30.0
     concurrency: int = 4
     tick: float = 1.0
+    # Seconds between full passes over the store (one scan of domains, one of
+    # statuses). 0: every tick. A node's supervisor sets it and calls `notify` with
+    # the domains its store watch saw change, so a tick costs what changed, not
+    # what exists (a million domains read every second was the whole CPU).
+    rescan: float = 0.0
 
 
 class Lifecycle:
@@ -65,6 +71,10 @@ class Lifecycle:
         self.clock = clock
         self._account: Account | None = None
         self._inflight: dict[str, asyncio.Task[None]] = {}
+        self._due: dict[str, float] = {}  # name -> when it next needs work
+        self._heap: list[tuple[float, str]] = []  # (due, name), stale entries skipped
+        self._dirty: set[str] = set()
+        self._scanned_at: float | None = None
         self._slots = asyncio.Semaphore(settings.concurrency)
 
     async def run(self, stop: asyncio.Event) -> None:
@@ -79,47 +89,98 @@ class Lifecycle:
         for task in self._inflight.values():
             task.cancel()
 
+    def notify(self, names: Iterable[str]) -> None:
+        """These domains (or their statuses or certificates) changed in the store."""
+        self._dirty.update(names)
+
     async def tick(self) -> list[asyncio.Task[None]]:
-        """One pass: start work for every domain that needs it; returns the new tasks."""
+        """One pass: start work for every domain that needs it; returns the new tasks.
+
+        Each domain has a due time (when it next needs a look: now, its DNS re-check,
+        its retry after a failure, its renewal), kept in a heap; a tick pops what is
+        due. A domain's due time is recomputed when it changes (notify), when its work
+        ends, and on every full pass (settings.rescan).
+        """
+        now = self.clock()
+        if self._scanned_at is None or now - self._scanned_at >= self.settings.rescan:
+            await self._rescan(now)
+        elif self._dirty:
+            names, self._dirty = self._dirty, set()
+            for name in names:
+                if name not in self._inflight:
+                    await self._refresh(name, now)
         started = []
-        due = 0
-        for item in await self.store.scan(rec.DOMAINS):
-            domain = rec.decode(item.value, rec.DomainRecord)
-            if not domain.letsencrypt or domain.name in self._inflight:
-                continue
-            if await self._needs_work(domain.name):
-                due += 1
-                task = asyncio.create_task(self._work(domain.name),
-                                           name=f"lifecycle {domain.name}")
-                self._inflight[domain.name] = task
-                task.add_done_callback(self._forget)
-                started.append(task)
-        metrics.RENEWALS_DUE.set(due)
+        heap = self._heap
+        while heap and heap[0][0] <= now:
+            due, name = heapq.heappop(heap)
+            if self._due.get(name) != due or name in self._inflight:
+                continue  # superseded by a later due time, or already being worked on
+            del self._due[name]
+            task = asyncio.create_task(self._work(name), name=f"lifecycle {name}")
+            self._inflight[name] = task
+            task.add_done_callback(self._forget)
+            started.append(task)
+        metrics.RENEWALS_DUE.set(len(self._inflight))
         return started
+
+    async def _rescan(self, now: float) -> None:
+        self._dirty.clear()  # what changes from here on is seen by the scans or marked again
+        domains = [rec.decode(i.value, rec.DomainRecord)
+                   for i in await self.store.scan(rec.DOMAINS)]
+        cut = len(rec.STATUS)
+        statuses = {i.key[cut:]: rec.decode(i.value, rec.StatusRecord)
+                    for i in await self.store.scan(rec.STATUS)}
+        self._due.clear()
+        self._heap = []
+        for domain in domains:
+            if domain.letsencrypt and domain.name not in self._inflight:
+                due = await self._due_time(domain.name, statuses.get(domain.name), now)
+                if due is not None:
+                    self._due[domain.name] = due
+        self._heap = [(due, name) for name, due in self._due.items()]
+        heapq.heapify(self._heap)
+        self._scanned_at = now
+
+    async def _refresh(self, name: str, now: float) -> None:
+        domain = await self.registry.domain(name)
+        due = None
+        if domain is not None and domain.letsencrypt:
+            due = await self._due_time(name, await self.registry.status(name), now)
+        if due is None:
+            self._due.pop(name, None)
+        else:
+            self._due[name] = due
+            heapq.heappush(self._heap, (due, name))
 
     def _forget(self, task: asyncio.Task[None]) -> None:
         for name, t in list(self._inflight.items()):
             if t is task:
                 del self._inflight[name]
+                self._dirty.add(name)  # its status changed: look at it again
 
     async def settle(self) -> None:
         """Wait for the work in flight (tests)."""
         while self._inflight:
             await asyncio.gather(*self._inflight.values(), return_exceptions=True)
 
-    async def _needs_work(self, name: str) -> bool:
-        now = self.clock()
-        status = await self.registry.status(name)
-        acme = await self.registry.certificate(name, "acme")
+    async def _due_time(self, name: str, status: rec.StatusRecord | None,
+                        now: float) -> float:
+        """When `name` next needs work; `now` or earlier means at once."""
         if status is not None and status.retry_at > now:
-            return False  # backing off after a failure
+            return status.retry_at  # backing off after a failure
+        if status is not None and status.state == "issued" and status.renew_at > now:
+            # Written with the certificate: no need to read it (PEM and all) to know
+            # it is valid and not due.
+            return status.renew_at
+        acme = await self.registry.certificate(name, "acme")
         if acme is not None and now < acme.not_after:
             # Valid, or valid in a moment (a CA clock slightly ahead of ours): either
             # way we hold it, and only its renewal time says when to order again.
-            renew = status.renew_at if status is not None and status.renew_at else \
+            return status.renew_at if status is not None and status.renew_at else \
                 renewal.renew_at(acme.not_before, acme.not_after)
-            return now >= renew
-        return status is None or status.state != "pending_dns" or status.next_dns_check <= now
+        if status is None or status.state != "pending_dns":
+            return now
+        return status.next_dns_check
 
     async def _work(self, name: str) -> None:
         async with self._slots:
@@ -148,7 +209,10 @@ class Lifecycle:
     async def _order_locked(self, name: str, lease: Lease) -> None:
         # Lock, then check again: another node may have finished while we waited.
         domain = await self.registry.domain(name)
-        if domain is None or not domain.letsencrypt or not await self._needs_work(name):
+        if domain is None or not domain.letsencrypt:
+            return
+        now = self.clock()
+        if await self._due_time(name, await self.registry.status(name), now) > now:
             return
         acme = await self.registry.certificate(name, "acme")
         renewing = acme is not None and self.clock() < acme.not_after
