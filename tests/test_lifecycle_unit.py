@@ -310,3 +310,70 @@ def test_remove_deletes_certificates_and_status(store_path: Path, ca: CA) -> Non
             await registry.remove_domain(name)
 
     in_store(store_path, scenario)
+
+
+# ------------------------------------------------------------------ the due-time schedule
+
+
+class CountingStore(FileStore):
+    """The real file store, counting reads of single records by prefix."""
+
+    reads: dict[str, int]
+
+    async def get(self, key: str) -> Any:
+        self.reads[key.split("/", 1)[0]] = self.reads.get(key.split("/", 1)[0], 0) + 1
+        return await super().get(key)
+
+
+def test_a_tick_reads_no_certificate_of_a_domain_its_status_says_is_not_due(
+        store_path: Path, pebble: Pebble, dns: DNSServer) -> None:
+    """At scale the pass was the cost: every tick read every domain's status and ACME
+    certificate (PEM and all). Now an issued domain's status says when it is next due;
+    a tick between full passes looks only at what changed (notify) or came due."""
+    async def scenario(_: FileStore) -> None:
+        store = CountingStore(store_path)
+        store.reads = {}
+        clock = Clock()
+        lifecycle, registry, client = make_lifecycle(store, pebble, dns, clock)
+        lifecycle.settings = LifecycleSettings(check_interval=1.0, rescan=300.0)
+        letsencrypt = CA.new("Test Let's Encrypt")
+        names = [f"held{i}.example.test" for i in range(150)]
+        try:
+            for name in names:
+                await registry.add_domain(name, "my-app")
+                cert = letsencrypt.issue([name], not_after=clock.now + 60 * DAY)
+                bundle = load_bundle(cert.chain_pem, cert.key_pem, domain=name)
+                await registry.store_acme_certificate(name, bundle)
+                await registry.set_status(name, state="issued",
+                                          renew_at=renewal.renew_at(bundle.not_before,
+                                                                    bundle.not_after))
+            store.reads.clear()
+            assert await lifecycle.tick() == []  # the full pass: two scans, no reads
+            assert store.reads == {}
+            for _ in range(5):
+                clock.now += 1
+                assert await lifecycle.tick() == []
+            assert store.reads == {}
+
+            # One domain comes due (its status moved); the supervisor's watch says so.
+            due = names[7]
+            dns.set_a(due, ["127.0.0.1"])
+            await registry.set_status(due, state="issued", renew_at=clock.now - 1)
+            lifecycle.notify([due])
+            started = await lifecycle.tick()
+            assert [t.get_name() for t in started] == [f"lifecycle {due}"]
+            await lifecycle.settle()
+            renewed = await registry.status(due)
+            assert renewed is not None and renewed.state == "issued"
+            assert renewed.renew_at > clock.now
+            # Reads were for that one domain only (its work and its new due time).
+            assert store.reads.get("certs", 0) <= 4, store.reads
+            store.reads.clear()
+            clock.now += 1
+            assert await lifecycle.tick() == []
+            assert store.reads.get("certs", 0) == 0, store.reads
+        finally:
+            client.close()
+            await store.close()
+
+    in_store(store_path, scenario)
