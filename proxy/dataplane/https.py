@@ -42,10 +42,10 @@ class HttpSession(asyncio.Protocol):
     __slots__ = (
         "_broken", "_chunked_out", "_current", "_dispatching", "_done", "_early",
         "_head_bytes", "_head_size", "_head_started", "_hosts", "_idle_since", "_in_head",
-        "_loop", "_on_lost", "_out", "_paused_by_client", "_queue", "_read_paused",
+        "_loop", "_on_lost", "_out", "_queue", "_read_paused",
         "_resp", "_served", "_sni_ok", "_te", "_timer", "_timer_due", "_tunnel",
         "access_log", "closed", "live", "loop", "parser", "peer", "pool", "port",
-        "route_memo", "scheme", "tls_version", "transport", "trusted",
+        "route_memo", "scheme", "tls_version", "transport", "trusted", "write_paused",
     )
 
     def __init__(self, live: Live, pool: UpstreamPool, *, scheme: str, port: int,
@@ -78,7 +78,7 @@ class HttpSession(asyncio.Protocol):
         self._dispatching = False
         self._tunnel: Exchange | None = None
         self._read_paused = False
-        self._paused_by_client = False
+        self.write_paused = False
         self._chunked_out = False
         self._done = False
         self._broken = False
@@ -189,12 +189,12 @@ class HttpSession(asyncio.Protocol):
         return None if self.scheme == "https" else True
 
     def pause_writing(self) -> None:
-        self._paused_by_client = True
+        self.write_paused = True
         if self._resp is not None:
             self._resp.pause_upstream()
 
     def resume_writing(self) -> None:
-        self._paused_by_client = False
+        self.write_paused = False
         if self._resp is not None:
             self._resp.resume_upstream()
 
@@ -219,9 +219,6 @@ class HttpSession(asyncio.Protocol):
                 return
             self._read_paused = False
             self.transport.resume_reading()
-
-    def client_paused(self) -> bool:
-        return self._paused_by_client
 
     # -- httptools callbacks ------------------------------------------------------
     def on_message_begin(self) -> None:
@@ -387,9 +384,6 @@ class HttpSession(asyncio.Protocol):
             # this exchange (maybe inside the backend's parser) has returned.
             self._loop.call_soon(self._dispatch)
 
-    def watch_by(self, delay: float, now: float) -> None:
-        self._due_by(delay, now)
-
     # -- ClientSide: what the exchange writes ----------------------------------------
     def cork(self) -> None:
         if self._out is None:
@@ -419,9 +413,11 @@ class HttpSession(asyncio.Protocol):
         transport = self.transport
         if transport is None or transport.is_closing():
             return
+        # The header lines are joined in C (map over the pairs): a Python loop adding
+        # four pieces per header cost ~0.6 us for nginx's four headers.
         out = [b"HTTP/1.1 %d %s\r\n" % (status, reason)]
-        for name, value in headers:
-            out += (name, b": ", value, b"\r\n")
+        if headers:
+            out += (b"\r\n".join(map(b": ".join, headers)), b"\r\n")
         keep = req.keep_alive and not self._done and status != 101
         self._chunked_out = False
         if framing in ("chunked", "close"):
@@ -542,6 +538,9 @@ class HttpSession(asyncio.Protocol):
                 return
             self._timer.cancel()
         self._schedule(delay, now)
+
+    # What the exchange calls to be timed (the same method: one call fewer per request).
+    watch_by = _due_by
 
     def _on_timer(self) -> None:
         """One timer per connection, re-armed for the nearest deadline.
