@@ -155,7 +155,8 @@ class Body:
 
     def finish(self) -> None:
         self.done = True
-        self._wake()
+        if self.waiter is not None:
+            self._wake()
 
     def cut(self) -> None:
         """The client went away mid-body: end it as incomplete, so the relay never
@@ -191,7 +192,7 @@ class Request:
                  "headers", "host", "keep_alive", "method", "started", "tunnel_early",
                  "upgrade", "url", "version")
 
-    def __init__(self, session: ClientSide) -> None:
+    def __init__(self, session: ClientSide, started: float = 0.0) -> None:
         self.url = b""
         self.headers: list[tuple[bytes, bytes]] = []
         self.method = b""
@@ -204,7 +205,7 @@ class Request:
         self.content_length: bytes | None = None
         self.upgrade = False
         self.tunnel_early = b""
-        self.started = 0.0
+        self.started = started
         self.body = Body(session)
         self.exchange: Exchange | None = None
         # Set when this request must be refused, not relayed: (status, why).
