@@ -122,6 +122,17 @@ class Registry:
         item = await self.store.get(rec.cert_key(name, source))
         return rec.decode(item.value, rec.CertRecord) if item else None
 
+    async def certificate_bundle(self, name: str,
+                                 source: rec.CertSource) -> CertBundle | None:
+        """The certificate with its chain and key (metadata and key material records
+        read together); BundleError when the material it points at is missing."""
+        record = await self.certificate(name, source)
+        if record is None:
+            return None
+        item = await self.store.get(rec.pem_key(name, source, record.fingerprint))
+        material = rec.decode(item.value, rec.KeyMaterial) if item is not None else None
+        return record.bundle(material)
+
     async def status(self, name: str) -> rec.StatusRecord | None:
         item = await self.store.get(rec.status_key(name))
         return rec.decode(item.value, rec.StatusRecord) if item else None
@@ -182,6 +193,7 @@ class Registry:
             raise RegistryError(f"domain {name} does not exist")
         for source in ("custom", "acme"):
             await self.store.delete(rec.cert_key(name, source))
+        await self._drop_material(name)
         await self.store.delete(rec.status_key(name))
 
     async def set_custom_certificate(self, name: str, chain: bytes, key: bytes) -> DomainView:
@@ -198,6 +210,7 @@ class Registry:
             raise RegistryError(f"domain {name} does not exist")
         if not await self.store.delete(rec.cert_key(name, "custom")):
             raise RegistryError(f"domain {name} has no custom certificate")
+        await self._drop_material(name, "custom")
         return await self.view(name)
 
     async def set_status(self, name: str, **changes: Any) -> rec.StatusRecord:
@@ -221,8 +234,7 @@ class Registry:
         raise RegistryError(f"status of {name} keeps changing under us; try again")
 
     async def store_acme_certificate(self, name: str, bundle: CertBundle) -> None:
-        record = rec.CertRecord.from_bundle(name, "acme", bundle, self.clock())
-        await self.store.put(rec.cert_key(name, "acme"), rec.encode(record), secret=True)
+        await self._put_certificate(name, "acme", bundle)
 
     # -- helpers --------------------------------------------------------------------
     def _name(self, name: str) -> str:
@@ -237,5 +249,24 @@ class Registry:
         return load_bundle(chain, key, domain=name, now=self.clock())
 
     async def _put_custom(self, name: str, bundle: CertBundle) -> None:
-        record = rec.CertRecord.from_bundle(name, "custom", bundle, self.clock())
-        await self.store.put(rec.cert_key(name, "custom"), rec.encode(record), secret=True)
+        await self._put_certificate(name, "custom", bundle)
+
+    async def _put_certificate(self, name: str, source: rec.CertSource,
+                               bundle: CertBundle) -> None:
+        """Key material first, then the metadata that points at it, then the material
+        it replaces (records.CertRecord says why)."""
+        await self.store.put(rec.pem_key(name, source, bundle.fingerprint),
+                             rec.encode(rec.KeyMaterial.from_bundle(bundle)), secret=True)
+        record = rec.CertRecord.from_bundle(name, source, bundle, self.clock())
+        await self.store.put(rec.cert_key(name, source), rec.encode(record), secret=True)
+        await self._drop_material(name, source, keep=bundle.fingerprint)
+
+    async def _drop_material(self, name: str, source: rec.CertSource | None = None,
+                             keep: str = "") -> None:
+        """Delete `name`'s key material records (of `source`, or all), but `keep`'s:
+        also sweeps what a writer that died mid-replacement left behind."""
+        prefix = f"{rec.PEM}{name}/" + (f"{source}/" if source else "")
+        for key in await self.store.keys(prefix):
+            parsed = rec.parse_pem_key(key)
+            if parsed is not None and parsed[2] != keep:
+                await self.store.delete(key)

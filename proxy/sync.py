@@ -155,6 +155,8 @@ class StoreState:
                 else:
                     self.certs[key] = rec.decode(value, rec.CertMeta)  # skips the PEM
                 self.touched.add(key[len(rec.CERTS):].rpartition("/")[0])
+            elif key.startswith(rec.PEM):
+                return self.with_pem and self._slot_material(key, value)
             elif key.startswith(rec.APPS):
                 _put(self.apps, key[len(rec.APPS):], value, rec.AppRecord)
                 self.routes_touched = self.with_pem
@@ -198,13 +200,19 @@ class StoreState:
         slot.generation += 1  # a load in flight re-reads
         if not slot.loaded:
             return False
-        record = StoredEntry(value) if value is not None else None
-        if source == "custom":
-            slot.custom = record
-        else:
-            slot.acme = record
+        slot.set(source, value)
         self.note(slot.choose(time.time()))
         return True
+
+    def _slot_material(self, key: str, value: bytes | None) -> bool:
+        parsed = rec.parse_pem_key(key)
+        slot = self.slots.get(parsed[0]) if parsed is not None else None
+        if slot is None or parsed is None:
+            return False
+        slot.generation += 1
+        if slot.loaded:
+            slot.set_material(parsed[2], value)
+        return False  # the metadata event that follows switches the certificate
 
     def note(self, boundary: float | None) -> None:
         if boundary is not None and (self.next_change is None or boundary < self.next_change):
@@ -228,9 +236,7 @@ class StoreState:
                     for name in self.domains:
                         if name not in slots:
                             slots[name] = DomainSlot(name)
-            elif prefix == rec.CERTS and self.with_pem:
-                self._fill_all(items)
-            elif prefix == rec.CERTS:
+            elif prefix == rec.CERTS and not self.with_pem:  # a worker: fill_all
                 meta = _meta_decoder.decode
                 self.certs.update({i.key: meta(i.value) for i in items})
             else:
@@ -239,22 +245,22 @@ class StoreState:
             for item in items:
                 self.apply(item.key, item.value)
 
-    def _fill_all(self, items: list[Item]) -> None:
-        """The whole certs/ scan (a store within the resident limit): every slot loaded,
-        those without a certificate too (nothing left to read on first use)."""
-        found: dict[str, dict[str, StoredEntry]] = {}
+    def fill_all(self, certs: list[Item], pems: list[Item]) -> None:
+        """The whole certs/ and pem/ scans (a store within the resident limit): every
+        slot loaded, those without a certificate too (nothing left to read)."""
+        records: dict[str, dict[str, bytes]] = {}
         cut = len(rec.CERTS)
-        for item in items:
+        for item in certs:
             name, _, source = item.key[cut:].rpartition("/")
-            if name in self.slots:
-                try:
-                    found.setdefault(name, {})[source] = StoredEntry(item.value)
-                except (ValueError, BundleError) as exc:
-                    log.error("ignoring unreadable store record %s: %s", item.key, exc)
+            records.setdefault(name, {})[source] = item.value
+        materials: dict[str, dict[str, bytes]] = {}
+        for item in pems:
+            parsed = rec.parse_pem_key(item.key)
+            if parsed is not None:
+                materials.setdefault(parsed[0], {})[parsed[2]] = item.value
         now = time.time()
         for name, slot in self.slots.items():
-            records = found.get(name, {})
-            self.note(slot.fill(records.get("custom"), records.get("acme"), now))
+            self.note(slot.fill(records.get(name, {}), materials.get(name, {}), now))
             self.resident.add(slot)
 
 
@@ -318,15 +324,17 @@ _serving_decoder = msgspec.json.Decoder(_Serving)
 
 
 class StoredEntry(CertEntry):
-    """A store certificate as a worker holds it: the record's JSON bytes, decoded into a
-    CertBundle only when `bundle` is read (a context build on a cache miss, ~5 us from
-    memory; or a view off the hot path). Never does I/O."""
+    """A store certificate as a worker holds it: the metadata record's JSON bytes and
+    its key material's (records.CertRecord), decoded into a CertBundle only when
+    `bundle` is read (a context build on a cache miss, ~5 us from memory; or a view
+    off the hot path). Never does I/O."""
 
-    __slots__ = ("_record",)
+    __slots__ = ("_record", "material")
 
-    def __init__(self, record: bytes) -> None:  # the base's __init__ wants a bundle
-        head = _serving_decoder.decode(record)
+    def __init__(self, record: bytes, material: bytes | None = None) -> None:
+        head = _serving_decoder.decode(record)  # the base's __init__ wants a bundle
         self._record = record
+        self.material = material  # None: a record with inline PEM (or material to come)
         self.fingerprint = head.fingerprint
         self.source = head.source
         self.not_before = head.not_before
@@ -334,7 +342,9 @@ class StoredEntry(CertEntry):
 
     @property
     def bundle(self) -> CertBundle:
-        bundle = rec.decode(self._record, rec.CertRecord).bundle()
+        material = (rec.decode(self.material, rec.KeyMaterial)
+                    if self.material is not None else None)
+        bundle = rec.decode(self._record, rec.CertRecord).bundle(material)
         if bundle.fingerprint != self.fingerprint:  # bytes are immutable: cannot happen
             raise BundleError("certificate record changed under its entry")
         return bundle
@@ -352,12 +362,15 @@ class DomainSlot(CertEntry):
     context is built) and serves what records.serving_certificate picks.
     """
 
-    __slots__ = ("acme", "chosen", "custom", "generation", "loaded", "name", "used")
+    __slots__ = ("acme", "chosen", "custom", "generation", "loaded", "name", "pems", "used")
 
     def __init__(self, name: str) -> None:  # the base's __init__ wants a bundle
         self.name = name
         self.custom: StoredEntry | None = None
         self.acme: StoredEntry | None = None
+        # Key material by fingerprint that came before the metadata pointing at it
+        # (the registry writes it first); once an entry holds it, it is dropped here.
+        self.pems: dict[str, bytes] | None = None
         self.chosen: StoredEntry | None = None
         self.loaded = False
         self.generation = 0  # bumped by every certificate event for this domain
@@ -370,10 +383,56 @@ class DomainSlot(CertEntry):
         self.source = "acme"
         self.not_before = self.not_after = 0.0
 
-    def fill(self, custom: StoredEntry | None, acme: StoredEntry | None,
+    def fill(self, records: dict[str, bytes], pems: dict[str, bytes],
              now: float) -> float | None:
-        self.custom, self.acme, self.loaded = custom, acme, True
+        """Load from the domain's records (source -> metadata bytes) and key material
+        (fingerprint -> bytes); an unreadable record is logged and left out."""
+        self.pems = pems or None
+        self.custom = self.acme = None
+        for source, value in records.items():
+            self.set(source, value)
+        self.loaded = True
         return self.choose(now)
+
+    def set(self, source: str, value: bytes | None) -> None:
+        """One certificate record changed (None: deleted)."""
+        entry = None
+        if value is not None:
+            try:
+                entry = StoredEntry(value)
+            except (ValueError, BundleError) as exc:
+                log.error("ignoring unreadable store record %s%s/%s: %s", rec.CERTS,
+                          self.name, source, exc)
+            else:
+                entry.material = self._material(entry.fingerprint)
+        if source == "custom":
+            self.custom = entry
+        elif source == "acme":
+            self.acme = entry
+
+    def _material(self, fingerprint: str) -> bytes | None:
+        if self.pems is not None and fingerprint in self.pems:
+            material = self.pems.pop(fingerprint)
+            if not self.pems:
+                self.pems = None
+            return material
+        for held in (self.custom, self.acme):  # the same certificate written again
+            if held is not None and held.fingerprint == fingerprint:
+                return held.material
+        return None
+
+    def set_material(self, fingerprint: str, value: bytes | None) -> None:
+        if value is None:  # replaced, or its domain removed: the entries keep their copy
+            if self.pems is not None:
+                self.pems.pop(fingerprint, None)
+            return
+        for entry in (self.custom, self.acme):
+            if entry is not None and entry.fingerprint == fingerprint:
+                entry.material = value
+                return
+        if self.pems is None:
+            self.pems = {}
+        self.pems[fingerprint] = value
 
     def choose(self, now: float) -> float | None:
         """Serve what the product rule picks now; the next time that may change."""
@@ -391,6 +450,7 @@ class DomainSlot(CertEntry):
 
     def unload(self) -> None:
         self.custom = self.acme = None
+        self.pems = None
         self.loaded = False
         self._clear()
 
@@ -430,9 +490,7 @@ async def load_state(store: Store, *, with_pem: bool = True,
         state.load(prefix, items)
         del items
     if with_pem and len(state.domains) <= resident:
-        items = await store.scan(rec.CERTS)
-        state.load(rec.CERTS, items)
-        del items
+        state.fill_all(await store.scan(rec.CERTS), await store.scan(rec.PEM))
     _trim_heap()
     return state
 
@@ -485,21 +543,17 @@ class SlotLoader:
             del self._loading[slot.name]
 
     async def _read(self, slot: DomainSlot) -> None:
-        prefix = f"{rec.CERTS}{slot.name}/"
         while True:
             generation = slot.generation
-            items = await self.store.scan(prefix)
+            certs, pems = await asyncio.gather(self.store.scan(f"{rec.CERTS}{slot.name}/"),
+                                               self.store.scan(f"{rec.PEM}{slot.name}/"))
             if slot.generation == generation:
                 break  # else an event for this domain came in meanwhile: read again
         if self.state.slots.get(slot.name) is not slot or slot.loaded:
             return  # the domain went away, or an event filled it meanwhile
-        records: dict[str, StoredEntry] = {}
-        for item in items:
-            try:
-                records[item.key.rpartition("/")[2]] = StoredEntry(item.value)
-            except (ValueError, BundleError) as exc:
-                log.error("ignoring unreadable store record %s: %s", item.key, exc)
-        self.state.note(slot.fill(records.get("custom"), records.get("acme"), time.time()))
+        records = {item.key.rpartition("/")[2]: item.value for item in certs}
+        materials = {item.key.rpartition("/")[2]: item.value for item in pems}
+        self.state.note(slot.fill(records, materials, time.time()))
         self.state.resident.add(slot)
 
     def load_fresh(self) -> None:

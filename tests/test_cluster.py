@@ -343,7 +343,9 @@ def test_a_node_killed_holding_a_lock_mid_order_is_taken_over(cluster: Cluster) 
         view = await registry.view(name)
         assert view.status == "in_use" and view.acme is not None
         assert view.acme.fingerprint == fingerprint
-        record = await registry.certificate(name, "acme")
-        assert record is not None
-        record.bundle()  # whole and consistent
+        bundle = await registry.certificate_bundle(name, "acme")  # whole and consistent
+        assert bundle is not None and bundle.fingerprint == fingerprint
+        # One key material record: the dead holder's order wrote none, or it was swept.
+        assert await store.keys(f"{rec.PEM}{name}/") == [
+            rec.pem_key(name, "acme", fingerprint)]
     cluster.run("a", check_records)

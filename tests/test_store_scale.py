@@ -106,6 +106,8 @@ def test_a_worker_serves_store_certificates_without_touching_a_file_or_the_store
             bundle = load_bundle(cert.chain_pem, cert.key_pem)
             await store.put(rec.domain_key(name), rec.encode(rec.DomainRecord(
                 name=name, app="app")))
+            await store.put(rec.pem_key(name, "acme", bundle.fingerprint),
+                            rec.encode(rec.KeyMaterial.from_bundle(bundle)))
             await store.put(rec.cert_key(name, "acme"), rec.encode(
                 rec.CertRecord.from_bundle(name, "acme", bundle, time.time())))
         state = await load_state(store)
@@ -158,10 +160,12 @@ def _fake_records(count: int) -> list[tuple[str, bytes]]:
         name = f"site{i}.customer{i % 500}.example"
         out.append((rec.domain_key(name), rec.encode(rec.DomainRecord(
             name=name, app="app", created_at=now))))
+        fingerprint = secrets.token_hex(32)
+        out.append((rec.pem_key(name, "acme", fingerprint), rec.encode(rec.KeyMaterial(
+            chain_pem=pem("CERTIFICATE", 548), key_pem=pem("PRIVATE KEY", 184)))))
         out.append((rec.cert_key(name, "acme"), rec.encode(rec.CertRecord(
-            domain=name, source="acme", chain_pem=pem("CERTIFICATE", 548),
-            key_pem=pem("PRIVATE KEY", 184), names=(name,), not_before=now - 60,
-            not_after=now + 86400 * 90, fingerprint=secrets.token_hex(32),
+            domain=name, source="acme", names=(name,), not_before=now - 60,
+            not_after=now + 86400 * 90, fingerprint=fingerprint,
             issuer="CN=tlsedge benchmark CA", key_type="ecdsa-p256", stored_at=now))))
     return out
 
@@ -183,10 +187,15 @@ def test_memory_kept_per_certificate_stays_bounded(with_pem: bool, resident: int
         records = _fake_records(count)  # allocated while tracing: a worker keeps them
         state = StoreState(with_pem=with_pem, resident=Resident(max(resident, 1)))
         # As load_state does: domains, then certificates only within the limit.
-        for prefix in (rec.DOMAINS, rec.CERTS):
-            if prefix == rec.CERTS and with_pem and count > resident:
-                continue
-            state.load(prefix, [Item(k, v, 1) for k, v in records if k.startswith(prefix)])
+        state.load(rec.DOMAINS, [Item(k, v, 1) for k, v in records
+                                 if k.startswith(rec.DOMAINS)])
+        certs = [Item(k, v, 1) for k, v in records if not k.startswith(rec.DOMAINS)]
+        if not with_pem:
+            state.load(rec.CERTS, [i for i in certs if i.key.startswith(rec.CERTS)])
+        elif count <= resident:
+            state.fill_all([i for i in certs if i.key.startswith(rec.CERTS)],
+                           [i for i in certs if i.key.startswith(rec.PEM)])
+        del certs
         del records
         gc.collect()
         kept = tracemalloc.get_traced_memory()[0]
@@ -222,12 +231,14 @@ def test_store_events_recompose_only_the_domains_they_name_with_the_full_result(
     static = load_static(str(config))
     records = _fake_records(60)
     state = StoreState()
-    for prefix in (rec.DOMAINS, rec.CERTS):  # read whole, as a worker does at start
-        state.load(prefix, [Item(k, v, 1) for k, v in records if k.startswith(prefix)])
+    # Read whole, as a worker does at start.
+    state.load(rec.DOMAINS, [Item(k, v, 1) for k, v in records if k.startswith(rec.DOMAINS)])
+    state.fill_all([Item(k, v, 1) for k, v in records if k.startswith(rec.CERTS)],
+                   [Item(k, v, 1) for k, v in records if k.startswith(rec.PEM)])
     composer = Composer()
     composer.full(static, state, time.time())
     rng = random.Random(5)
-    names = [key.split("/")[1] for key, _ in records[::2]]
+    names = [key.split("/")[1] for key, _ in records[::3]]
     for _ in range(40):
         for _ in range(rng.randint(1, 4)):
             key, value = rng.choice(records)

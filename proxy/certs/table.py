@@ -159,17 +159,19 @@ class CertTable:
                 names.setdefault(name, entry)
         return cls.build(names, default, reject_unknown=reject_unknown)
 
-    def lookup(self, server_name: str | None) -> tuple[CertEntry | None, str]:
+    def lookup(self, server_name: str | None, *, settle: bool = False
+               ) -> tuple[CertEntry | None, str]:
         """(entry, how) with how in exact|wildcard|default|rejected|unloaded; entry None
         = reject. "unloaded": the name's certificate must be loaded before a handshake
-        (the entry is the slot to load)."""
+        (the entry is the slot to load). With `settle` (the SNI callback: too late to
+        load) such a slot counts as one without a certificate, and lookup goes on."""
         key = sni_key(server_name)
         if key is not None:
             entry = self._exact.get(key)
             if entry is not None:
                 if entry.fingerprint:
                     return entry, "exact"
-                if not entry.loaded:
+                if not entry.loaded and not settle:
                     return entry, "unloaded"
                 entry = self._fallback[0].get(key)  # a store domain without a certificate
                 if entry is not None:
@@ -181,7 +183,7 @@ class CertTable:
                 if entry is not None:
                     if entry.fingerprint:
                         return entry, "wildcard"
-                    if not entry.loaded:
+                    if not entry.loaded and not settle:
                         return entry, "unloaded"
                     entry = self._fallback[1].get(suffix)
                     if entry is not None:
@@ -244,9 +246,14 @@ class CertSelector:
                 return _UNRECOGNIZED
             if how == "unloaded":
                 # The listener loads a name's certificate before the handshake starts;
-                # this is a ClientHello it could not read, or a load that failed.
+                # this is a domain added since it looked (a few loop turns ago), a
+                # ClientHello it could not read, or a read that failed: answer as if
+                # the domain had no certificate yet, as a moment earlier.
                 _COUNT["unloaded"].inc()
-                return _INTERNAL
+                entry, how = self.table.lookup(server_name, settle=True)
+                if entry is None:
+                    _COUNT["rejected"].inc()
+                    return _UNRECOGNIZED
             ssl_object.context = self.cache.get(entry)
             _COUNT[how].inc()
             return None

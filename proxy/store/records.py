@@ -11,12 +11,14 @@ from typing import Literal, Protocol, TypeVar
 import msgspec
 
 from proxy.certs.bundle import CertBundle, trusted_bundle
+from proxy.errors import BundleError
 
 DOMAINS = "domains/"
 APPS = "apps/"
 CERTS = "certs/"
 STATUS = "status/"
 CHALLENGES = "challenges/"
+PEM = "pem/"
 ACME_ACCOUNT = "acme/account"
 NODES = "nodes/"
 
@@ -60,30 +62,61 @@ class CertMeta(Record, frozen=True):
 
 
 class CertRecord(CertMeta, frozen=True):
-    """A certificate chain and key, with the metadata needed to serve it unparsed."""
+    """A certificate's metadata under `certs/<name>/<source>`; its chain and key live
+    apart, in a KeyMaterial under `pem/<name>/<source>/<fingerprint>` (pem_key).
 
-    chain_pem: str
-    key_pem: str
+    Apart so that what every node reads eagerly (names, validity, fingerprint: ~0.4
+    kB) never carries the ~1.2 kB of PEM only a worker serving the name needs, and
+    so that the pair stays consistent with single-key writes: the material is
+    written first under a key named by its fingerprint and never changed, then the
+    metadata that points at it; the old material is deleted after. A reader that
+    sees the metadata finds its material; a writer that dies between leaves only an
+    unreferenced material record. Records written before the split carry the PEM
+    inline (chain_pem, key_pem), and are still read.
+    """
+
+    chain_pem: str = ""
+    key_pem: str = ""
     stored_at: float = 0.0
 
     @classmethod
     def from_bundle(cls, domain: str, source: CertSource, bundle: CertBundle,
                     stored_at: float) -> CertRecord:
-        return cls(domain=domain, source=source, chain_pem=bundle.chain_pem.decode(),
-                   key_pem=bundle.key_pem.decode(), names=bundle.names,
+        """The metadata record (no PEM: see KeyMaterial.from_bundle)."""
+        return cls(domain=domain, source=source, names=bundle.names,
                    not_before=bundle.not_before, not_after=bundle.not_after,
                    fingerprint=bundle.fingerprint, issuer=bundle.issuer,
                    key_type=bundle.key_type, stored_at=stored_at)
 
-    def bundle(self) -> CertBundle:
-        """The bundle without re-parsing: the record was validated when written."""
-        return trusted_bundle(self.chain_pem.encode(), self.key_pem.encode(),
+    def bundle(self, material: KeyMaterial | None = None) -> CertBundle:
+        """The bundle without re-parsing: the record was validated when written.
+        `material` is the record's KeyMaterial (None: a record with inline PEM)."""
+        chain, key = ((material.chain_pem, material.key_pem) if material is not None
+                      else (self.chain_pem, self.key_pem))
+        if not chain or not key:
+            raise BundleError(f"the key material of {self.domain}'s {self.source} "
+                              "certificate is missing from the store")
+        return trusted_bundle(chain.encode(), key.encode(),
                               names=self.names, not_before=self.not_before,
                               not_after=self.not_after, fingerprint=self.fingerprint,
                               issuer=self.issuer, key_type=self.key_type)
 
     def __repr__(self) -> str:  # never show key bytes
         return f"CertRecord({self.domain!r}, {self.source}, {self.fingerprint[:16]})"
+
+
+class KeyMaterial(Record, frozen=True):
+    """A certificate's chain and private key (a secret: written 0600, never logged)."""
+
+    chain_pem: str
+    key_pem: str
+
+    @classmethod
+    def from_bundle(cls, bundle: CertBundle) -> KeyMaterial:
+        return cls(chain_pem=bundle.chain_pem.decode(), key_pem=bundle.key_pem.decode())
+
+    def __repr__(self) -> str:
+        return f"KeyMaterial(<{len(self.chain_pem)} bytes of chain>, key=<hidden>)"
 
 
 class StatusRecord(Record, frozen=True):
@@ -117,6 +150,19 @@ def app_key(name: str) -> str:
 
 def cert_key(name: str, source: CertSource) -> str:
     return f"{CERTS}{name}/{source}"
+
+
+def pem_key(name: str, source: CertSource, fingerprint: str) -> str:
+    return f"{PEM}{name}/{source}/{fingerprint}"
+
+
+def parse_pem_key(key: str) -> tuple[str, str, str] | None:
+    """`pem/<name>/<source>/<fingerprint>` -> (name, source, fingerprint)."""
+    head, _, fingerprint = key[len(PEM):].rpartition("/")
+    name, _, source = head.rpartition("/")
+    if not key.startswith(PEM) or not name or source not in ("custom", "acme"):
+        return None
+    return name, source, fingerprint
 
 
 def status_key(name: str) -> str:
