@@ -21,6 +21,10 @@ Refusal = tuple[int, str]
 _HOST = re.compile(rb"(?:[A-Za-z0-9._~-]+|\[[0-9A-Fa-f:.]+\])(?::[0-9]{0,5})?")
 _CTL = re.compile(rb"[\x00-\x08\x0a-\x1f\x7f]")
 _VERSIONS = frozenset({"1.0", "1.1"})
+# Test a header name with `UNDERSCORE in name` (an int): `b"_" in name` first tries
+# the bytes as an integer and raises and clears a TypeError, every time: ~140 ns
+# against ~30 ns, six times per proxied request (2.6% of a worker's CPU in perf).
+UNDERSCORE = ord("_")
 
 
 def request_head(version: str, url: bytes, hosts: list[bytes], te: bytes | None,
@@ -78,7 +82,7 @@ def origin_form(url: bytes) -> bytes:
 
 def header_name(name: bytes) -> Refusal | None:
     """Per-header check run as each header is parsed (kept to one `in`)."""
-    if b"_" in name:
+    if UNDERSCORE in name:
         return 400, "underscore in a header name"
     return None
 

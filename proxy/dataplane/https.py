@@ -24,6 +24,7 @@ import httptools
 from proxy import metrics
 from proxy.dataplane import checks, pages
 from proxy.dataplane.accesslog import AccessLog
+from proxy.dataplane.checks import UNDERSCORE
 from proxy.dataplane.exchange import Exchange, Request, count
 from proxy.dataplane.state import Live
 from proxy.dataplane.upstream import WRITE_HIGH, UpstreamPool
@@ -255,7 +256,7 @@ class HttpSession(asyncio.Protocol):
         if len(headers) > limits.max_headers:
             metrics.LIMITS_HIT.labels("max_headers").inc()
             self._refuse(431, "too many request headers")
-        if b"_" in name:
+        if UNDERSCORE in name:
             self._refuse(400, "underscore in a header name")
         # The headers the session itself reads are noted here, by length first, so
         # on_headers_complete needs no second pass over them.
@@ -271,7 +272,8 @@ class HttpSession(asyncio.Protocol):
                 req.content_length = value
         elif n == 10:
             if name.lower() == b"connection":
-                self._connection_upgrade = b"upgrade" in value.lower()
+                # find, not `in`: see UNDERSCORE.
+                self._connection_upgrade = value.lower().find(b"upgrade") >= 0
                 req.connection = (value if req.connection is None
                                   else req.connection + b"," + value)
         elif n == 7 and name.lower() == b"upgrade":

@@ -23,6 +23,7 @@ import httptools
 
 from proxy import metrics
 from proxy.dataplane import checks
+from proxy.dataplane.checks import UNDERSCORE
 from proxy.routing import Backend
 
 # Bytes the client side may queue in our write buffer before we stop reading the
@@ -250,7 +251,7 @@ class UpstreamConnection(asyncio.Protocol):
         # ~1.5 us of the ~16 us of Python per proxied request).
         if self._got_head:
             return  # trailers: dropped (we re-chunk and never announce any)
-        if b"_" in name:
+        if UNDERSCORE in name:
             self._underscore = True
         lname = name.lower()
         if lname in HOP_BY_HOP:
