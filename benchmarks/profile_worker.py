@@ -10,8 +10,16 @@ busy machine hurts them alike; medians are printed at the end.
     python benchmarks/profile_worker.py --rounds 3 --code /tmp/base --code .
     python benchmarks/profile_worker.py --nginx-pid /tmp/perf/nginx-tls.pid --nginx-port 18443
     python benchmarks/profile_worker.py --profile /tmp/prof.txt   # py-spy, raw format
+    python benchmarks/profile_worker.py --inproc --code /tmp/base --code .
 
 A code tree is put first on PYTHONPATH of the edge (`.`: the working tree).
+
+`--inproc` needs no nginx, wrk or TLS: it drives the data plane's request path
+(session, exchange, pooled backend connection) in-process with fake transports and
+prints the Python time per request (min over runs) and the bytecodes executed per
+request. The bytecode count is deterministic, so it still compares trees when a
+shared machine makes CPU-per-request numbers swing by 50%; it leaves out TLS,
+syscalls and the event loop, which no Python change in the data plane touches.
 """
 
 from __future__ import annotations
@@ -22,7 +30,10 @@ import statistics
 import subprocess
 import sys
 import tempfile
+import time
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
@@ -100,7 +111,16 @@ def main() -> None:
     ap.add_argument("--native", action="store_true", help="py-spy --native (C frames too)")
     ap.add_argument("--nginx-pid", help="measure this nginx master's workers instead")
     ap.add_argument("--nginx-port", type=int, default=18443)
+    ap.add_argument("--inproc", action="store_true",
+                    help="in-process request path only: Python us and bytecodes per request")
+    ap.add_argument("--inproc-child", help=argparse.SUPPRESS)
     args = ap.parse_args()
+    if args.inproc_child:
+        inproc_child(args.inproc_child, runs=30, per_run=5000)
+        return
+    if args.inproc:
+        inproc(args.code or ["."], args.rounds)
+        return
     results: dict[str, list[tuple[float, ...]]] = {}
     for _ in range(args.rounds):
         for code in args.code or ["."]:
@@ -135,6 +155,132 @@ def main() -> None:
     print("medians:")
     for code, rows in results.items():
         print(_line(code, [statistics.median(col) for col in zip(*rows, strict=True)]))
+
+
+REQUEST = b"GET / HTTP/1.1\r\nHost: app.bench.test\r\n\r\n"
+# nginx's answer to `return 200 "<100 bytes>"`, as the keep-alive benchmark gets it.
+RESPONSE = (b"HTTP/1.1 200 OK\r\nServer: nginx/1.22.1\r\n"
+            b"Date: Fri, 27 Nov 2026 01:31:19 GMT\r\n"
+            b"Content-Type: application/octet-stream\r\nContent-Length: 100\r\n"
+            b"Connection: keep-alive\r\n\r\n" + b"0123456789" * 10)
+
+
+class _FakeTransport:
+    """Takes writes and counts them; never closes unless asked."""
+
+    def __init__(self) -> None:
+        self.written = 0
+        self.closing = False
+
+    def write(self, data: bytes) -> None:
+        self.written += len(data)
+
+    def is_closing(self) -> bool:
+        return self.closing
+
+    def get_extra_info(self, name: str, default: object = None) -> object:
+        return default
+
+    def set_write_buffer_limits(self, high: int | None = None, low: int | None = None) -> None:
+        pass
+
+    def pause_reading(self) -> None:
+        pass
+
+    def resume_reading(self) -> None:
+        pass
+
+    def close(self) -> None:
+        self.closing = True
+
+    abort = close
+
+
+def inproc_child(code: str, runs: int, per_run: int) -> None:
+    """Measure `code`'s request path in this process (run with the tree on sys.path)."""
+    tree = Path(code).resolve()
+    sys.path.insert(0, str(tree))
+    import asyncio
+
+    import uvloop
+
+    import proxy
+    if not Path(proxy.__file__ or "").resolve().is_relative_to(tree):
+        raise SystemExit(f"{code}: imported {proxy.__file__} instead of this tree's proxy")
+    from proxy.config import Limits
+    from proxy.dataplane.https import HttpSession
+    from proxy.dataplane.state import Live
+    from proxy.dataplane.upstream import UpstreamConnection, UpstreamPool
+    from proxy.routing import App, Backend, RouteTable
+
+    async def run() -> tuple[float, float]:
+        backend = Backend("127.0.0.1", 18888)
+        live = Live(selector=None, tls_context=None,  # type: ignore[arg-type]
+                    routes=RouteTable("bench.test", {"app": App("app", (backend,))}, {}),
+                    limits=Limits(), https_port=443)
+        pool = UpstreamPool(connect_timeout=5)
+        conn = UpstreamConnection(backend, pool)
+        conn.connection_made(_FakeTransport())  # type: ignore[arg-type]
+        pool._state(backend).open = 1  # one connection, opened "by the pool"
+        pool.release(conn)
+        session = HttpSession(live, pool, scheme="https", port=443, peer="127.0.0.1",
+                              tls_version="TLSv1.3")
+        client = _FakeTransport()
+        session.connection_made(client)  # type: ignore[arg-type]
+
+        def requests(n: int) -> None:
+            for _ in range(n):
+                session.data_received(REQUEST)
+                conn.data_received(RESPONSE)
+
+        requests(2000)
+        if client.closing or not client.written:
+            raise SystemExit(f"{code}: the in-process request path did not answer")
+        best = min(_timed(requests, per_run) for _ in range(runs))
+        ops = 0
+
+        def trace(frame: Any, event: str, arg: object) -> Any:
+            frame.f_trace_opcodes = True
+            return opcode
+
+        def opcode(frame: Any, event: str, arg: object) -> Any:
+            nonlocal ops
+            if event == "opcode":
+                ops += 1
+            return opcode
+
+        sys.settrace(trace)
+        requests(1000)
+        sys.settrace(None)
+        return best, ops / 1000
+
+    uvloop.install()
+    best, ops = asyncio.run(run())
+    print(f"{best:.3f} {ops:.0f}")
+
+
+def _timed(fn: Callable[[int], None], n: int) -> float:
+    start = time.perf_counter()
+    fn(n)
+    return (time.perf_counter() - start) / n * 1e6
+
+
+def inproc(codes: list[str], rounds: int) -> None:
+    """Interleave in-process runs of each tree in fresh interpreters; print medians."""
+    results: dict[str, list[tuple[float, float]]] = {}
+    for _ in range(rounds):
+        for code in codes:
+            out = subprocess.run(
+                [sys.executable, __file__, "--inproc-child", code], check=True,
+                capture_output=True, text=True).stdout.split()
+            row = (float(out[0]), float(out[1]))
+            results.setdefault(code, []).append(row)
+            print(f"{code}: {row[0]:6.2f} us of Python per request (min of 30 runs), "
+                  f"{row[1]:5.0f} bytecodes", flush=True)
+    print("medians:")
+    for code, rows in results.items():
+        print(f"{code}: {statistics.median(r[0] for r in rows):6.2f} us, "
+              f"{statistics.median(r[1] for r in rows):5.0f} bytecodes")
 
 
 def _line(code: str, row: tuple[float, ...] | list[float]) -> str:
