@@ -229,6 +229,17 @@ def test_store_events_recompose_only_the_domains_they_name_with_the_full_result(
                 "certificates": [{"cert": scert, "key": skey}]},
         "apps": {"app": {"backends": ["127.0.0.1:9"]}, "other": {"backends": ["127.0.0.1:8"]}}}))
     static = load_static(str(config))
+    # A second config for SIGHUPs: other ops names, and configured domains (one of them
+    # also a store domain, where the store wins).
+    _, ocert, okey = certs(["site6.customer6.example", "ops2.example"], stem="ops2")
+    config2 = tmp_path / "tlsedge2.yaml"
+    config2.write_text(yaml.safe_dump({
+        "platform_domain": "platform.test", "store": {"path": str(tmp_path / "store")},
+        "tls": {"platform_certificate": {"cert": pcert, "key": pkey},
+                "certificates": [{"cert": ocert, "key": okey}]},
+        "domains": {"conf.example": "app", "site9.customer9.example": "app"},
+        "apps": {"app": {"backends": ["127.0.0.1:9"]}, "other": {"backends": ["127.0.0.1:8"]}}}))
+    statics = [static, load_static(str(config2))]
     records = _fake_records(60)
     state = StoreState()
     # Read whole, as a worker does at start.
@@ -239,7 +250,7 @@ def test_store_events_recompose_only_the_domains_they_name_with_the_full_result(
     composer.full(static, state, time.time())
     rng = random.Random(5)
     names = [key.split("/")[1] for key, _ in records[::3]]
-    for _ in range(40):
+    for _ in range(80):
         for _ in range(rng.randint(1, 4)):
             key, value = rng.choice(records)
             name = key.split("/")[1]
@@ -250,9 +261,14 @@ def test_store_events_recompose_only_the_domains_they_name_with_the_full_result(
             else:
                 state.apply(key, value)
         now = time.time()
-        incremental = composer.update(static, state, now)
+        if rng.random() < 0.2:  # SIGHUP with the other config
+            static = statics[1] if static is statics[0] else statics[0]
+            incremental = composer.restatic(static, state, now)
+        else:
+            incremental = composer.update(static, state, now)
         full = compose(static, state, now)
-        for name in [*names, "ops.example", "x.platform.test"]:
+        for name in [*names, "ops.example", "ops2.example", "conf.example",
+                     "x.platform.test"]:
             assert incremental.certs.lookup(name) == full.certs.lookup(name), name
         assert dict(incremental.routes.domains) == dict(full.routes.domains)
         for name in names:
