@@ -112,3 +112,42 @@ def test_two_workers_report_summed_counts(tmp_path: Path, edge_config: Config,
                                               code_class="2xx") == n)
         assert edge.metric("tlsedge_tls_handshakes_total", result="ok") == n
         assert edge.metric("tlsedge_upstream_response_seconds_count", app="my-app") == n
+
+
+def test_domain_counts_follow_store_changes_and_expiry_is_scraped(
+        tmp_path: Path, backend: Backend) -> None:
+    """tlsedge_domains{in_use, status} is recounted per store event for the domains it
+    names (statuses included), and each store certificate's expiry is in the scrape."""
+    from proxy.certs.bundle import load_bundle
+    from tests.certgen import CA
+    from tests.support.admin import edge_settings, in_store
+
+    ca = CA.new("metrics test CA")
+    with Edge(tmp_path, edge_settings(tmp_path, ca, backend)) as edge:
+        issued = ca.issue(["held.example"], not_after=time.time() + 30 * 86400)
+
+        async def fill(registry: Any) -> None:
+            for name in ("a.example", "b.example", "held.example"):
+                await registry.add_domain(name, "my-app")
+            await registry.store_acme_certificate(
+                "held.example", load_bundle(issued.chain_pem, issued.key_pem,
+                                            domain="held.example"))
+            await registry.set_status("held.example", state="issued")
+
+        in_store(edge, fill)
+        assert eventually(lambda: edge.metric("tlsedge_domains", in_use="platform",
+                                              status="pending_dns") == 2)
+        assert edge.metric("tlsedge_domains", in_use="letsencrypt", status="in_use") == 1
+        expiry = edge.metric("tlsedge_certificate_expiry_timestamp_seconds",
+                             name="held.example", source="acme")
+        assert abs(expiry - issued.cert.not_valid_after_utc.timestamp()) < 1
+
+        # A status change alone moves a domain from one count to another.
+        in_store(edge, lambda r: r.set_status("b.example", state="creating"))
+        assert eventually(lambda: edge.metric("tlsedge_domains", in_use="platform",
+                                              status="creating") == 1)
+        assert edge.metric("tlsedge_domains", in_use="platform", status="pending_dns") == 1
+        in_store(edge, lambda r: r.remove_domain("held.example"))
+        assert eventually(lambda: edge.metric("tlsedge_domains", in_use="letsencrypt",
+                                              status="in_use") == 0)
+        assert "held.example" not in edge.metrics()
