@@ -15,5 +15,8 @@ bench:           ## benchmarks side by side with nginx, HAProxy and Caddy (minut
 bench-smoke:     ## the same harness in a quick run: 1 round, 2 s, small certificate sets
 	bash scripts/setup.sh test && .venv/bin/python benchmarks/compare.py --quick
 
+bench-cluster:   ## start-up, RSS and propagation with 100,000 domains in etcd (minutes)
+	bash scripts/setup.sh test && .venv/bin/python benchmarks/cluster_scale.py
+
 clean:
 	rm -rf .venv tlsedge-demo build *.egg-info
