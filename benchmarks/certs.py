@@ -57,15 +57,20 @@ def _write(store: FileStore, key: str, value: bytes) -> None:
 
 
 def _domain_records(name: str, record: dict[str, Any], key_pem: bytes,
-                    now: float) -> tuple[bytes, bytes]:
+                    now: float) -> list[tuple[str, bytes]]:
+    """The records the registry writes for a domain with an ACME certificate, in its
+    order: the domain, the key material, the certificate's metadata."""
     domain = rec.DomainRecord(name=name, app=APP, letsencrypt=True, created_at=now)
+    material = rec.KeyMaterial(chain_pem=record["chain_pem"].decode(),
+                               key_pem=key_pem.decode())
     cert = rec.CertRecord(
-        domain=name, source="acme", chain_pem=record["chain_pem"].decode(),
-        key_pem=key_pem.decode(), names=tuple(record["names"]),
+        domain=name, source="acme", names=tuple(record["names"]),
         not_before=record["not_before"], not_after=record["not_after"],
         fingerprint=record["fingerprint"], issuer=record["issuer"], key_type="ecdsa-p256",
         stored_at=now)
-    return rec.encode(domain), rec.encode(cert)
+    return [(rec.domain_key(name), rec.encode(domain)),
+            (rec.pem_key(name, "acme", cert.fingerprint), rec.encode(material)),
+            (rec.cert_key(name, "acme"), rec.encode(cert))]
 
 
 @dataclass(frozen=True)
@@ -85,7 +90,7 @@ def seeded_store(count: int) -> SeededStore:
     records, key_pems, _, _ = generate(count)
     names = [r["names"][0] for r in records]
     fingerprints = [r["fingerprint"] for r in records]
-    path = CACHE / f"store-{count}"
+    path = CACHE / f"store-v2-{count}"  # v2: key material apart from the metadata
     marker = path / "complete"
     if marker.exists():
         return SeededStore(path, names, fingerprints, 0.0)
@@ -95,9 +100,8 @@ def seeded_store(count: int) -> SeededStore:
     now = time.time()
     with _no_fsync():
         for r, name in zip(records, names, strict=True):
-            domain, cert = _domain_records(name, r, key_pems[r["key"]], now)
-            _write(store, rec.domain_key(name), domain)
-            _write(store, rec.cert_key(name, "acme"), cert)
+            for key, value in _domain_records(name, r, key_pems[r["key"]], now):
+                _write(store, key, value)
     marker.write_text(f"{count}\n")
     return SeededStore(path, names, fingerprints, time.monotonic() - started)
 
@@ -126,12 +130,17 @@ def swap_set(ca: CA, count: int) -> SwapSet:
     return SwapSet(store_names, static_names, generations)
 
 
-def cert_record(name: str, chain: bytes, key: bytes, fingerprint: str) -> bytes:
+def cert_records(name: str, chain: bytes, key: bytes, fingerprint: str
+                 ) -> list[tuple[str, bytes]]:
+    """The key material, then the metadata record, as the registry writes them."""
     from proxy.certs.bundle import load_bundle
 
     bundle = load_bundle(chain, key, domain=name, now=time.time())
     assert bundle.fingerprint == fingerprint
-    return rec.encode(rec.CertRecord.from_bundle(name, "acme", bundle, time.time()))
+    return [(rec.pem_key(name, "acme", fingerprint),
+             rec.encode(rec.KeyMaterial.from_bundle(bundle))),
+            (rec.cert_key(name, "acme"),
+             rec.encode(rec.CertRecord.from_bundle(name, "acme", bundle, time.time())))]
 
 
 def swap_records(swap: SwapSet, generation: int) -> list[tuple[str, bytes]]:
@@ -144,7 +153,7 @@ def swap_records(swap: SwapSet, generation: int) -> list[tuple[str, bytes]]:
         if generation == 0:
             domain = rec.DomainRecord(name=name, app=APP, created_at=now)
             items.append((rec.domain_key(name), rec.encode(domain)))
-        items.append((rec.cert_key(name, "acme"), cert_record(name, *gen[i])))
+        items += cert_records(name, *gen[i])
     return items
 
 
