@@ -23,7 +23,7 @@ from proxy import config as config_mod
 from proxy import metrics
 from proxy.config import Config, parse_address
 from proxy.errors import TlsEdgeError
-from proxy.registry import Registry, derive_view
+from proxy.registry import Registry, view_status
 from proxy.store import check_store, open_store
 from proxy.store import records as rec
 from proxy.store.base import Store
@@ -281,10 +281,11 @@ class Supervisor:
                     del counts[old]
             domain = state.domains.get(name)
             if domain is not None:
-                view = derive_view(domain, state.certs.get(rec.cert_key(name, "custom")),
-                                   state.certs.get(rec.cert_key(name, "acme")),
-                                   state.statuses.get(name), now)
-                key = views[name] = (view.in_use, view.status)
+                status = state.statuses.get(name)
+                key = views[name] = view_status(
+                    domain.letsencrypt, state.certs.get(rec.cert_key(name, "custom")),
+                    state.certs.get(rec.cert_key(name, "acme")),
+                    status.state if status is not None else "pending_dns", now)
                 counts[key] = counts.get(key, 0) + 1
 
         def changed() -> None:

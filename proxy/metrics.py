@@ -139,6 +139,7 @@ class CertificateExpiry(Collector):
         family = GaugeMetricFamily(
             "tlsedge_certificate_expiry_timestamp_seconds",
             "Unix time at which each loaded certificate expires, by its primary name "
+            "(a store certificate: the domain it serves) "
             "in our table and its source (platform, static, custom, acme).",
             labels=["name", "source"],
         )

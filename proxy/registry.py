@@ -70,17 +70,15 @@ class DomainView:
         return data
 
 
-def derive_view(domain: rec.DomainRecord, custom: rec.CertMeta | None,
-                acme: rec.CertMeta | None, status: rec.StatusRecord | None,
-                now: float) -> DomainView:
-    """Combine the stored records into what is true now (serving choice + status)."""
+def view_status(letsencrypt: bool, custom: rec.Validity | None, acme: rec.Validity | None,
+                state: str, now: float) -> tuple[str, str]:
+    """(in_use, status) of a domain now: the two columns every view and the domain
+    metrics show. `state` is the lifecycle's (pending_dns when it has written none)."""
     serving = rec.serving_certificate(custom, acme, now)
-    acme_valid = acme is not None and acme.not_before <= now < acme.not_after
     custom_serving = serving is not None and serving.source == "custom"
-    state = status.state if status is not None else "pending_dns"
-    if not domain.letsencrypt:
+    if not letsencrypt:
         label = "disabled"
-    elif acme_valid:
+    elif acme is not None and acme.not_before <= now < acme.not_after:
         # An issued ACME certificate is "In use" unless a valid custom one wins;
         # a renewal in flight or a failed renewal does not change that.
         label = "not_used" if custom_serving else "in_use"
@@ -90,10 +88,21 @@ def derive_view(domain: rec.DomainRecord, custom: rec.CertMeta | None,
         label = "pending_dns"  # issued once, now expired: the lifecycle starts over
     else:
         label = state
+    in_use = ("custom" if custom_serving else "letsencrypt" if serving is not None
+              else "platform")
+    return in_use, label
+
+
+def derive_view(domain: rec.DomainRecord, custom: rec.CertMeta | None,
+                acme: rec.CertMeta | None, status: rec.StatusRecord | None,
+                now: float) -> DomainView:
+    """Combine the stored records into what is true now (serving choice + status)."""
+    serving = rec.serving_certificate(custom, acme, now)
+    in_use, label = view_status(domain.letsencrypt, custom, acme,
+                                status.state if status is not None else "pending_dns", now)
     return DomainView(
         name=domain.name, app=domain.app, letsencrypt=domain.letsencrypt,
-        in_use=("custom" if custom_serving else "letsencrypt" if serving is not None
-                else "platform"),
+        in_use=in_use,
         expires_at=serving.not_after if serving is not None else None,
         status=label,
         message=status.message if status is not None else "",
