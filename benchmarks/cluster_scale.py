@@ -168,9 +168,13 @@ def etcd_status(endpoint: str) -> tuple[str, int]:
 
 
 def key_exists(endpoint: str, key: str) -> bool:
-    with grpc.insecure_channel(endpoint) as channel:
-        response = rpc.KVStub(channel).Range(
-            rpc.RangeRequest(key=(PREFIX + key).encode(), count_only=True), timeout=5)
+    """Whether `key` is in etcd; False also when etcd is too busy to say within 5 s."""
+    try:
+        with grpc.insecure_channel(endpoint) as channel:
+            response = rpc.KVStub(channel).Range(
+                rpc.RangeRequest(key=(PREFIX + key).encode(), count_only=True), timeout=5)
+    except grpc.RpcError:
+        return False
     return int(response.count) > 0
 
 
@@ -202,10 +206,11 @@ def served(edge: Edge, name: str) -> str | None:
         return None
 
 
-def rss_mib(pid: int) -> float | None:
+def rss_mib(pid: int, field: str = "VmRSS") -> float | None:
+    """A process's resident memory (VmHWM: its peak) from /proc."""
     with contextlib.suppress(OSError):
         for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-            if line.startswith("VmRSS:"):
+            if line.startswith(field + ":"):
                 return round(int(line.split()[1]) / 1024, 1)
     return None
 
@@ -266,9 +271,12 @@ def measure_startup(edge: Edge, seeded: Seeded, endpoint: str, probe: int,
     first = time.monotonic() - started
     ready = starting.join()
     node = edge.config["node"]["name"]
-    while not key_exists(endpoint, rec.NODES + node):  # written once its store is loaded
+    loaded: float | None = None
+    while time.monotonic() - started < timeout:
+        if key_exists(endpoint, rec.NODES + node):  # written once its store is loaded
+            loaded = round(time.monotonic() - started, 3)
+            break
         time.sleep(0.05)
-    loaded = time.monotonic() - started
     rss_start = node_rss(edge)
     times, wrong = [], 0
     for i in sample:
@@ -277,7 +285,7 @@ def measure_startup(edge: Edge, seeded: Seeded, endpoint: str, probe: int,
         times.append((time.perf_counter() - t) * 1000)
         wrong += seeded.fingerprints[i] not in ("", got)
     return {"first_handshake_s": round(first, 3), "serving_log_s": round(ready, 3),
-            "supervisor_loaded_s": round(loaded, 3), "rss_start_mib": rss_start,
+            "supervisor_loaded_s": loaded, "rss_start_mib": rss_start,
             "rss_after_names_mib": node_rss(edge), "names": len(sample),
             "name_handshake_ms": summary(times), "wrong_certificates": wrong}
 
@@ -470,6 +478,8 @@ def print_table(result: dict[str, Any]) -> None:
     print(f"seeding: {s['records']:,} records in {s['txns']:,} txns of <= {TXN_OPS} ops in "
           f"{s['seconds']:.1f} s ({s['records'] / s['seconds']:,.0f} records/s), "
           f"etcd db {s['db_mib']:,.0f} MiB, etcd RSS {s['etcd_rss_mib']} MiB")
+    print(f"etcd RSS at the end {result['etcd_rss_end_mib']} MiB, peak "
+          f"{result['etcd_peak_rss_mib']} MiB")
     configs = result["configs"]
     heads = [f"resident={c['resident_certificates']:,} ({c['label']})" for c in configs]
     rows: list[tuple[str, list[str]]] = []
@@ -504,7 +514,8 @@ def print_table(result: dict[str, Any]) -> None:
         print(f"{label:<{width}}  " + "  ".join(f"{v:>26}" for v in values))
     for c in configs:
         if "failed" in c:
-            print(f"[{c['label']}] FAILED in {c['failed']['step']}: {c['failed']['error']}")
+            print(f"[{c['label']}] FAILED in {c['failed']['step']}: {c['failed']['error']}"
+                  f"; RSS then (MiB): {c['rss_end_mib']}")
         for line in c["log_problems"]:
             print(f"[{c['label']}] log: {line}")
     print(f"load average (1/5/15 min) before: {result['load_before']}, after: "
@@ -592,6 +603,7 @@ def main() -> None:
         result["configs"] = [run_config(bench, residents[label], label)
                              for label in opts.configs.split(",")]
         result["etcd_rss_end_mib"] = rss_mib(etcd.proc.pid)
+        result["etcd_peak_rss_mib"] = rss_mib(etcd.proc.pid, "VmHWM")
     result["load_after"] = load()
     print_table(result)
     out = HERE / "results" / time.strftime("cluster-%Y%m%d-%H%M%S.json")
