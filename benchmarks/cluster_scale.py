@@ -1,11 +1,12 @@
 """Cluster scale (issue #6): seeding, start-up and propagation with N domains in etcd.
 
-Starts a real etcd on loopback, seeds N domains (a DomainRecord and an ACME CertRecord
-each) in 128-operation transactions, then runs real `tlsedge run` nodes against it, twice:
-at the default store.resident_certificates and at a small one (--resident). Each time node
-B's start-up is timed to its first handshake for a seeded name, with RSS per process, then
-A and C join and K certificate uploads written on A's side are timed until B and C serve
-them. Writes only under a temp work dir, benchmarks/.cache and benchmarks/results/.
+Starts a real etcd on loopback, seeds N domains (domain, key material and ACME certificate
+records, as the registry writes them) in 128-operation transactions, then runs real
+`tlsedge run` nodes against it, twice: at the default store.resident_certificates and at
+a small one (--resident). Each time node B's start-up is timed to its first handshake for
+a seeded name, with RSS per process, then A and C join and K certificate uploads written
+on A's side are timed until B and C serve them. Writes only under a temp work dir,
+benchmarks/.cache and benchmarks/results/.
 
     .venv/bin/python benchmarks/cluster_scale.py --quick              # harness check
     .venv/bin/python benchmarks/cluster_scale.py                      # 100,000 domains
@@ -60,6 +61,10 @@ APP = "bench"
 PREFIX = "/tlsedge/"
 MAX_CERTS = 100_000      # distinct certificates from benchmarks/.cache; more names reuse them
 TXN_OPS = 128            # etcd's default --max-txn-ops
+# What the registry writes for a domain with an ACME certificate: the domain, the key
+# material (pem/<name>/acme/<fingerprint>), then the metadata pointing at it (certs/).
+RECORDS_PER_DOMAIN = 3
+PER_TXN = TXN_OPS // RECORDS_PER_DOMAIN  # domains per transaction
 TXNS_IN_FLIGHT = 8       # lets etcd batch several transactions into one fsync
 QUOTA = 8 << 30          # etcd's suggested maximum; 1,000,000 domains take ~1.5 GB
 POLL = 0.005             # seconds between two propagation handshakes
@@ -129,21 +134,22 @@ async def seed(endpoint: str, count: int) -> Seeded:
 
     def ops(start: int) -> list[Any]:
         out = []
-        for i in range(start, min(start + TXN_OPS // 2, count)):
+        for i in range(start, min(start + PER_TXN, count)):
             r, name = records[i % distinct], names[i]
             domain = rec.DomainRecord(name=name, app=APP, letsencrypt=True, created_at=now)
-            # PEM inline in the record, as benchmarks/certs.py writes it; `names` are the
-            # certificate's own, so past MAX_CERTS they do not name the domain.
+            material = rec.KeyMaterial(chain_pem=chains[i % distinct], key_pem=keys[r["key"]])
+            # `names` are the certificate's own: past MAX_CERTS they do not name the domain.
             cert = rec.CertRecord(
-                domain=name, source="acme", chain_pem=chains[i % distinct],
-                key_pem=keys[r["key"]], names=tuple(r["names"]), not_before=r["not_before"],
-                not_after=r["not_after"], fingerprint=r["fingerprint"], issuer=r["issuer"],
-                key_type="ecdsa-p256", stored_at=now)
+                domain=name, source="acme", names=tuple(r["names"]),
+                not_before=r["not_before"], not_after=r["not_after"],
+                fingerprint=r["fingerprint"], issuer=r["issuer"], key_type="ecdsa-p256",
+                stored_at=now)
             out += [put(rec.domain_key(name), rec.encode(domain)),
+                    put(rec.pem_key(name, "acme", cert.fingerprint), rec.encode(material)),
                     put(rec.cert_key(name, "acme"), rec.encode(cert))]
         return out
 
-    starts = iter(range(0, count, TXN_OPS // 2))  # shared: each batch goes to one writer
+    starts = iter(range(0, count, PER_TXN))  # shared: each batch goes to one writer
     done = [0]
     started = time.monotonic()
     async with grpc.aio.insecure_channel(endpoint) as channel:
@@ -154,7 +160,7 @@ async def seed(endpoint: str, count: int) -> Seeded:
                 await kv.Txn(rpc.TxnRequest(success=ops(start)), timeout=120)
                 done[0] += 1
                 if done[0] % 2000 == 0:
-                    print(f"  seeded {done[0] * TXN_OPS // 2:,} domains "
+                    print(f"  seeded {done[0] * PER_TXN:,} domains "
                           f"({time.monotonic() - started:.0f} s)", flush=True)
         await asyncio.gather(*(writer() for _ in range(TXNS_IN_FLIGHT)))
     return Seeded(names, [records[i % distinct]["fingerprint"] for i in range(count)],
@@ -590,7 +596,8 @@ def main() -> None:
         assert etcd.proc is not None
         result["etcd_version"] = version
         result["seeding"] = {
-            "records": 2 * opts.domains, "txns": seeded.txns, "seconds": round(seeded.seconds, 2),
+            "records": RECORDS_PER_DOMAIN * opts.domains, "txns": seeded.txns,
+            "seconds": round(seeded.seconds, 2),
             "distinct_certificates": seeded.distinct, "db_mib": round(db_size / 2**20, 1),
             "etcd_rss_mib": rss_mib(etcd.proc.pid),
             "names_match_certificates": seeded.distinct == opts.domains}
