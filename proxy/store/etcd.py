@@ -250,10 +250,11 @@ class EtcdStore:
         found: list[Any] = []
         revision = 0
         while True:
+            # No sort_order: etcd returns a range in key order anyway, and any sort
+            # order (even ASCEND by KEY) makes etcd 3.4 read the whole range for every
+            # page and truncate after: a 100,000-domain start-up took 48 s (measured).
             request = rpc.RangeRequest(key=start, range_end=end, limit=_PAGE,
-                                       revision=revision, keys_only=keys_only,
-                                       sort_order=rpc.RangeRequest.SortOrder.ASCEND,
-                                       sort_target=rpc.RangeRequest.SortTarget.KEY)
+                                       revision=revision, keys_only=keys_only)
 
             async def call(request: Any = request) -> Any:
                 return await self._kv().Range(request, timeout=self._timeout,
