@@ -48,7 +48,10 @@ _CHANNEL_OPTIONS: list[tuple[str, Any]] = [
     ("grpc.max_reconnect_backoff_ms", 2000),
     ("grpc.keepalive_time_ms", 10_000),  # etcd accepts pings every 5 s or slower
     ("grpc.keepalive_timeout_ms", 5_000),
-    ("grpc.keepalive_permit_without_calls", 1),
+    # Only while a call is open (a node always has its watch open): etcd does not
+    # permit pings without a stream, and answered a million-domain start-up's pings
+    # with GOAWAY too_many_pings.
+    ("grpc.keepalive_permit_without_calls", 0),
     ("grpc.max_receive_message_length", 256 * 1024 * 1024),
 ]
 
