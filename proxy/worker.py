@@ -60,6 +60,7 @@ class WorkerNode:
         self.store = store
         self.state = state
         self._timer: asyncio.TimerHandle | None = None
+        self._armed: float | None = None
         self._reloading: asyncio.Task[None] | None = None
         self._reload_again = False
         self.cache = ContextCache(static.tls, static.config.tls.context_cache_size)
@@ -76,7 +77,7 @@ class WorkerNode:
                          reject_misdirected=config.tls.reject_misdirected,
                          access_log=config.access_log)
         self.live.challenge_fallback = self._challenge_from_store
-        self.loader = SlotLoader(store, state)
+        self.loader = SlotLoader(store, state, self._rearm)
         self.live.prepare_certificate = self.loader.prepare
         self._arm(composed.next_change)
 
@@ -109,11 +110,18 @@ class WorkerNode:
         metrics.STORE_APPLIED_REVISION.set(self.state.revision)
         self._arm(composed.next_change)
 
+    def _rearm(self) -> None:
+        """Certificates were loaded: move the timer earlier if one of them needs it."""
+        when = self.state.next_change
+        if when is not None and (self._armed is None or when < self._armed):
+            self._arm(when)
+
     def _arm(self, when: float | None) -> None:
         """Recompose when a certificate starts or stops being valid (expiry fallback)."""
         if self._timer is not None:
             self._timer.cancel()
             self._timer = None
+        self._armed = when
         if when is not None:
             loop = asyncio.get_running_loop()
             delay = max(0.0, when - time.time()) + 0.001
@@ -172,7 +180,8 @@ class WorkerNode:
 async def serve(config_path: str, https_fd: int, http_fd: int, ready_fd: int) -> int:
     static = load_static(config_path)
     store = open_store(static.config)
-    state = await load_state(store, resident=static.config.store.resident_certificates)
+    state = await load_state(store, resident=static.config.store.resident_certificates,
+                             certificates=False)
     node = WorkerNode(config_path, static, store, state)
     # What start-up built lives as long as the worker: out of the collector's sight, a
     # full collection no longer walks a million domains' objects (a pause for every
@@ -182,6 +191,7 @@ async def serve(config_path: str, https_fd: int, http_fd: int, ready_fd: int) ->
     follow = asyncio.create_task(follower.run(), name="store-follower")
     worker = Worker(node.live, socket.socket(fileno=https_fd), socket.socket(fileno=http_fd))
     await worker.start()
+    warm = asyncio.create_task(node.loader.warm(), name="read-certificates")
     loop = asyncio.get_running_loop()
     stop = asyncio.Event()
 
@@ -201,6 +211,7 @@ async def serve(config_path: str, https_fd: int, http_fd: int, ready_fd: int) ->
     await stop.wait()
     await worker.drain(time.monotonic() + node.static.config.limits.drain_timeout)
     follow.cancel()
+    warm.cancel()
     await store.close()
     return 0
 

@@ -201,3 +201,27 @@ def test_a_connection_that_sends_no_hello_is_closed_at_the_handshake_timeout(
         with ctx.wrap_socket(sock2, server_hostname="my-app." + settings["platform_domain"]) as s:
             send_request(s, "my-app." + settings["platform_domain"], "/")
             assert read_response(s)[0] == 200
+
+
+def test_within_the_limit_every_certificate_is_read_after_the_listeners_serve(
+        tmp_path: Path, ca: CA, backend: Backend) -> None:
+    """Start-up waits for names and routes only; the worker then reads every
+    certificate in the background (no first-use read needed afterwards)."""
+    settings = edge_settings(tmp_path, ca, backend)
+    edge = Edge(tmp_path, settings, start=False)
+    issued = {name: ca.issue([name]) for name in NAMES}
+
+    async def fill(registry: Any) -> None:
+        for name, cert in issued.items():
+            await registry.add_domain(name, "my-app")
+            await registry.store_acme_certificate(
+                name, load_bundle(cert.chain_pem, cert.key_pem, domain=name))
+
+    in_store(edge, fill)
+    edge.start()
+    with edge:
+        settle(edge, "tlsedge_store_certificates_resident", len(NAMES))
+        for name in NAMES:
+            assert edge.fingerprint(name) == issued[name].fingerprint
+        assert edge.metric("tlsedge_store_certificate_loads_total") == 0
+        assert "read 5 certificates in advance" in edge.log()

@@ -1,0 +1,221 @@
+"""A store certificate as a worker holds it: StoredEntry (record bytes, decoded on a
+context build), DomainSlot (a domain's certificate, changed in place), and Resident
+(the bounded set of loaded slots).
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections import OrderedDict
+
+import msgspec
+
+from proxy import metrics
+from proxy.certs.bundle import CertBundle
+from proxy.certs.table import CertEntry
+from proxy.errors import BundleError
+from proxy.store import records as rec
+
+log = logging.getLogger("tlsedge.sync")
+
+
+class _Serving(msgspec.Struct, frozen=True, gc=False):
+    """The fields of a CertRecord that choose and identify a served certificate; msgspec
+    skips the rest (PEM included) without building it: ~1 us a record."""
+
+    source: rec.CertSource
+    not_before: float
+    not_after: float
+    fingerprint: str
+
+
+_serving_decoder = msgspec.json.Decoder(_Serving)
+
+
+class StoredEntry(CertEntry):
+    """A store certificate as a worker holds it: the metadata record's JSON bytes and
+    its key material's (records.CertRecord), decoded into a CertBundle only when
+    `bundle` is read (a context build on a cache miss, ~5 us from memory; or a view
+    off the hot path). Never does I/O."""
+
+    __slots__ = ("_record", "material")
+
+    def __init__(self, record: bytes, material: bytes | None = None) -> None:
+        head = _serving_decoder.decode(record)  # the base's __init__ wants a bundle
+        self._record = record
+        self.material = material  # None: a record with inline PEM (or material to come)
+        self.fingerprint = head.fingerprint
+        self.source = head.source
+        self.not_before = head.not_before
+        self.not_after = head.not_after
+
+    @property
+    def bundle(self) -> CertBundle:
+        material = (rec.decode(self.material, rec.KeyMaterial)
+                    if self.material is not None else None)
+        bundle = rec.decode(self._record, rec.CertRecord).bundle(material)
+        if bundle.fingerprint != self.fingerprint:  # bytes are immutable: cannot happen
+            raise BundleError("certificate record changed under its entry")
+        return bundle
+
+
+class DomainSlot(CertEntry):
+    """One store domain's certificate as a worker's tables hold it: the table maps the
+    name to this slot for as long as the domain exists, and the slot changes in place
+    (on the loop thread, between handshakes) as its records are loaded, replaced,
+    become valid or expire, or are unloaded to bound memory. The SNI callback reads it
+    like any entry: `fingerprint` set = serve it; "" and loaded = no certificate (the
+    table falls back); not loaded = the listener must load it first.
+
+    Holds the custom and ACME records as StoredEntry (bytes; PEM decoded only when a
+    context is built) and serves what records.serving_certificate picks.
+    """
+
+    __slots__ = ("acme", "chosen", "custom", "generation", "loaded", "name", "pems", "used")
+
+    def __init__(self, name: str) -> None:  # the base's __init__ wants a bundle
+        self.name = name
+        self.custom: StoredEntry | None = None
+        self.acme: StoredEntry | None = None
+        # Key material by fingerprint that came before the metadata pointing at it
+        # (the registry writes it first); once an entry holds it, it is dropped here.
+        self.pems: dict[str, bytes] | None = None
+        self.chosen: StoredEntry | None = None
+        self.loaded = False
+        self.generation = 0  # bumped by every certificate event for this domain
+        self.used = 0.0  # time.monotonic() of the last handshake prepared for it
+        self._clear()
+
+    def _clear(self) -> None:
+        self.chosen = None
+        self.fingerprint = ""
+        self.source = "acme"
+        self.not_before = self.not_after = 0.0
+
+    def fill(self, records: dict[str, bytes], pems: dict[str, bytes],
+             now: float) -> float | None:
+        """Load from the domain's records (source -> metadata bytes) and key material
+        (fingerprint -> bytes); an unreadable record is logged and left out."""
+        self.pems = pems or None
+        self.custom = self.acme = None
+        for source, value in records.items():
+            self.set(source, value)
+        self.loaded = True
+        return self.choose(now)
+
+    def set(self, source: str, value: bytes | None) -> None:
+        """One certificate record changed (None: deleted)."""
+        entry = None
+        if value is not None:
+            try:
+                entry = StoredEntry(value)
+            except (ValueError, BundleError) as exc:
+                log.error("ignoring unreadable store record %s%s/%s: %s", rec.CERTS,
+                          self.name, source, exc)
+            else:
+                entry.material = self._material(entry.fingerprint)
+        if source == "custom":
+            self.custom = entry
+        elif source == "acme":
+            self.acme = entry
+
+    def _material(self, fingerprint: str) -> bytes | None:
+        if self.pems is not None and fingerprint in self.pems:
+            material = self.pems.pop(fingerprint)
+            if not self.pems:
+                self.pems = None
+            return material
+        for held in (self.custom, self.acme):  # the same certificate written again
+            if held is not None and held.fingerprint == fingerprint:
+                return held.material
+        return None
+
+    def set_material(self, fingerprint: str, value: bytes | None) -> None:
+        if value is None:  # replaced, or its domain removed: the entries keep their copy
+            if self.pems is not None:
+                self.pems.pop(fingerprint, None)
+            return
+        for entry in (self.custom, self.acme):
+            if entry is not None and entry.fingerprint == fingerprint:
+                entry.material = value
+                return
+        if self.pems is None:
+            self.pems = {}
+        self.pems[fingerprint] = value
+
+    def choose(self, now: float) -> float | None:
+        """Serve what the product rule picks now; the next time that may change."""
+        chosen = rec.serving_certificate(self.custom, self.acme, now)
+        if chosen is None:
+            self._clear()
+        else:
+            self.chosen = chosen
+            self.fingerprint = chosen.fingerprint
+            self.source = chosen.source
+            self.not_before = chosen.not_before
+            self.not_after = chosen.not_after
+        return min((t for r in (self.custom, self.acme) if r is not None
+                    for t in (r.not_before, r.not_after) if t > now), default=None)
+
+    def unload(self) -> None:
+        self.custom = self.acme = None
+        self.pems = None
+        self.loaded = False
+        self._clear()
+
+    @property
+    def bundle(self) -> CertBundle:
+        if self.chosen is None:
+            raise BundleError(f"no certificate loaded for {self.name}")
+        return self.chosen.bundle
+
+    def __repr__(self) -> str:
+        return f"DomainSlot({self.name!r}, loaded={self.loaded}, {self.fingerprint[:16]!r})"
+
+
+class Resident:
+    """The loaded slots, least recently used first; past `capacity` the oldest one not
+    used in the last `hold` seconds is unloaded (a slot just prepared for a handshake
+    is not dropped before that handshake picks it: a few loop turns later)."""
+
+    def __init__(self, capacity: int, hold: float = 1.0) -> None:
+        self.capacity = capacity
+        self.hold = hold
+        self.slots: OrderedDict[str, DomainSlot] = OrderedDict()
+
+    def add(self, slot: DomainSlot, *, count: bool = True) -> None:
+        self.slots[slot.name] = slot
+        self.slots.move_to_end(slot.name)
+        if len(self.slots) > self.capacity:
+            self._evict()
+        if count:
+            self.count()
+
+    def count(self) -> None:
+        """Set the gauge (a bulk fill calls it once per step, not per slot)."""
+        metrics.CERTIFICATES_RESIDENT.set(len(self.slots))
+
+    def touch(self, slot: DomainSlot, now: float) -> None:
+        slot.used = now
+        self.slots.move_to_end(slot.name)
+        if len(self.slots) > self.capacity:  # over since the hold kept some: trim now
+            self._evict()
+            metrics.CERTIFICATES_RESIDENT.set(len(self.slots))
+
+    def discard(self, slot: DomainSlot) -> None:
+        if self.slots.pop(slot.name, None) is not None:
+            metrics.CERTIFICATES_RESIDENT.set(len(self.slots))
+
+    def has_room(self) -> bool:
+        return len(self.slots) < self.capacity
+
+    def _evict(self) -> None:
+        recent = time.monotonic() - self.hold
+        slots = self.slots
+        while len(slots) > self.capacity:
+            name, slot = next(iter(slots.items()))
+            if slot.used > recent:
+                return  # all the rest were used more recently still: over, for now
+            del slots[name]
+            slot.unload()
