@@ -16,7 +16,7 @@ from proxy.errors import BundleError, ConfigError, StoreError
 from proxy.store import records as rec
 from proxy.store.base import Compacted, Event, Store
 from proxy.sync.entries import DomainSlot
-from proxy.sync.state import StoreState, load_state
+from proxy.sync.state import StoreState, _trim_heap, load_state
 
 log = logging.getLogger("tlsedge.sync")
 
@@ -109,6 +109,7 @@ class SlotLoader:
             filled = done
             await asyncio.sleep(0)
         del certs, pems
+        _trim_heap()  # the scans' pages are garbage now: give them back
         self.loaded()
         gc.freeze()  # long-lived, like the rest of the start-up state
         log.info("read %d certificates in advance in %.2f s", filled,
