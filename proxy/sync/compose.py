@@ -177,11 +177,7 @@ class Composer:
                     _index(exact, wild, name, state.slots.get(name) or names.get(name))
             for name in old.config.domains.keys() | configured.keys():
                 if name not in state.domains:
-                    app = configured.get(name)
-                    if app is None:
-                        domains.pop(name, None)
-                    else:
-                        domains[name] = app
+                    _route(domains, name, configured.get(name))
             self._exact, self._wild = exact.finish(), wild.finish()
             self._domains = domains.finish()
         self._static, self._snapshot = names, static
@@ -214,14 +210,19 @@ class Composer:
                     entry = state.slots.get(name) or self._static.get(name)
                     _index(exact, wild, name, entry)
                     record = state.domains.get(name)
-                    app = record.app if record is not None else configured.get(name)
-                    if app is None:
-                        domains.pop(name, None)
-                    else:
-                        domains[name] = app
+                    _route(domains, name,
+                           record.app if record is not None else configured.get(name))
                 self._exact, self._wild = exact.finish(), wild.finish()
                 self._domains = domains.finish()
         return self._compose(static, state, apps)
+
+
+def _route(domains: MapMutation[str, str], name: str, app: str | None) -> None:
+    """Route custom domain `name` to `app` (None: to nothing)."""
+    if app is None:
+        domains.pop(name, None)
+    else:
+        domains[name] = app
 
 
 def _index(exact: MapMutation[str, CertEntry], wild: MapMutation[str, CertEntry],
