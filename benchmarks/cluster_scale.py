@@ -31,7 +31,6 @@ import sys
 import tempfile
 import threading
 import time
-import urllib.request
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -69,35 +68,6 @@ TXNS_IN_FLIGHT = 8       # lets etcd batch several transactions into one fsync
 QUOTA = 8 << 30          # etcd's suggested maximum; 1,000,000 domains take ~1.5 GB
 POLL = 0.005             # seconds between two propagation handshakes
 PROPAGATION_DEADLINE = 15.0
-
-
-class QuotaEtcd(etcd_support.EtcdServer):
-    """The tests' EtcdServer (ports, data dir, stop/close) started with a backend quota:
-    its own start() has no option for one, and it drops ETCD_* variables from the env."""
-
-    def start(self, timeout: float = 30.0) -> QuotaEtcd:
-        client = f"http://127.0.0.1:{self.client_port}"
-        peer = f"http://127.0.0.1:{self.peer_port}"
-        args = [etcd_support.ETCD_BINARY, "--name", "t0", "--data-dir", str(self.data_dir),
-                "--listen-client-urls", client, "--advertise-client-urls", client,
-                "--listen-peer-urls", peer, "--initial-advertise-peer-urls", peer,
-                "--initial-cluster", f"t0={peer}", "--initial-cluster-state", "new",
-                "--quota-backend-bytes", str(QUOTA), "--log-level", "warn", "--logger", "zap"]
-        env = {k: v for k, v in os.environ.items() if not k.startswith("ETCD")}
-        with self.log_path.open("ab") as log:
-            self.proc = subprocess.Popen(args, stdout=log, stderr=subprocess.STDOUT, env=env,
-                                         start_new_session=True)
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"etcd exited with {self.proc.returncode}:\n"
-                                   f"{self.log_path.read_text(errors='replace')[-3000:]}")
-            with contextlib.suppress(OSError, ValueError), \
-                    urllib.request.urlopen(f"{client}/health", timeout=1) as r:
-                if json.loads(r.read()).get("health") == "true":
-                    return self
-            time.sleep(0.05)
-        raise RuntimeError(f"etcd did not become healthy in {timeout}s")
 
 
 # -- seeding --------------------------------------------------------------------------------
@@ -587,7 +557,8 @@ def main() -> None:
         "domains": opts.domains, "uploads": opts.uploads, "names": opts.names,
         "cpus": os.cpu_count(), "load_before": load(), **git_state()}
     with workspace(opts.keep) as workdir, contextlib.ExitStack() as stack:
-        etcd = stack.enter_context(QuotaEtcd(workdir / "etcd"))
+        etcd = stack.enter_context(etcd_support.EtcdServer(
+            workdir / "etcd", extra_args=("--quota-backend-bytes", str(QUOTA))))
         edges: list[Edge] = []
         stack.callback(stop_all, edges)  # before etcd stops: nodes drain quietly
         print(f"seeding {opts.domains:,} domains into etcd at {etcd.endpoint}", flush=True)

@@ -283,3 +283,23 @@ def test_unraisable_hook_defers_other_errors_to_the_previous_hook() -> None:
     finally:
         sys.unraisablehook = original
     assert len(seen) == 1
+
+
+def test_a_slot_not_loaded_when_the_sni_callback_runs_is_answered_as_one_without_a_certificate(
+        entries: dict[str, CertEntry]) -> None:
+    """The listener loads a store domain's certificate before the handshake; a domain
+    added between its look and the SNI callback (or a failed read) must not refuse the
+    handshake: it gets what the name got a moment earlier (the ops file, else default)."""
+    from proxy.sync import DomainSlot
+
+    fallback = CertTable.build({"shop.example.com": entries["exact"]}, None).indexes()
+    slots = {"shop.example.com": DomainSlot("shop.example.com"),
+             "new.example.org": DomainSlot("new.example.org")}
+    table = CertTable(dict(slots), {}, entries["default"], False, fallback)
+    assert table.lookup("shop.example.com")[1] == "unloaded"  # the listener would load it
+    selector = CertSelector(table, ContextCache(SETTINGS))
+    before = _count("unloaded")
+    with tls_server(selector) as port:
+        assert served_fingerprint(port, "shop.example.com") == entries["exact"].fingerprint
+        assert served_fingerprint(port, "new.example.org") == entries["default"].fingerprint
+    assert _count("unloaded") == before + 2

@@ -50,7 +50,8 @@ def ensure_etcd() -> None:
 
 
 class EtcdServer:
-    def __init__(self, workdir: Path | None = None) -> None:
+    def __init__(self, workdir: Path | None = None, extra_args: tuple[str, ...] = ()) -> None:
+        self.extra_args = extra_args  # e.g. ("--quota-backend-bytes", "8589934592")
         ensure_etcd()
         self._own_dir = workdir is None
         self.workdir = Path(tempfile.mkdtemp(prefix="tlsedge-etcd-")) if workdir is None \
@@ -73,7 +74,7 @@ class EtcdServer:
                 "--listen-client-urls", client, "--advertise-client-urls", client,
                 "--listen-peer-urls", peer, "--initial-advertise-peer-urls", peer,
                 "--initial-cluster", f"t0={peer}", "--initial-cluster-state", "new",
-                "--log-level", "warn", "--logger", "zap"]
+                "--log-level", "warn", "--logger", "zap", *self.extra_args]
         log = self.log_path.open("ab")
         env = {k: v for k, v in os.environ.items() if not k.startswith("ETCD")}
         self.proc = subprocess.Popen(args, stdout=log, stderr=subprocess.STDOUT, env=env,
