@@ -391,7 +391,7 @@ def run_config(bench: Bench, resident: int | None, label: str) -> dict[str, Any]
         nodes[node] = Edge(workdir, config, start=False)
         bench.edges.append(nodes[node])
     if resident is None:
-        resident = config_mod.Store().resident_certificates
+        resident = config_mod.StoreSettings().resident_certificates
     out: dict[str, Any] = {
         "resident_certificates": resident, "label": label,
         "certificates": ("all read at start" if len(bench.seeded.names) <= resident

@@ -33,7 +33,7 @@ import scenarios  # noqa: E402
 
 from tests.certgen import CA  # noqa: E402
 
-SCENARIOS = ("keepalive", "handshakes", "large", "names", "swap")
+SCENARIOS = ("keepalive", "handshakes", "large", "h2", "names", "swap")
 NOTE = ("The load generator (wrk / h2load / sniclient) and the backend share the machine's "
         "{cpus} cores with the proxy; that is identical for every proxy. Compare ratios and "
         "CPU per request, not absolute numbers.")
@@ -124,6 +124,12 @@ def run(opts: argparse.Namespace) -> dict[str, Any]:
                         if name in wanted:
                             add(name, "", proxy, got[name])
                     _progress(proxy, got)
+            if "h2" in wanted:
+                for proxy in order:
+                    got = scenarios.http2(bench, proxy)
+                    for variant, numbers in got.items():
+                        add("h2", variant, proxy, numbers)
+                    _progress(f"{proxy} h2", got)
             if "handshakes" in wanted:
                 for key in _rotated(["ecdsa", "rsa"], r):
                     for proxy in order:

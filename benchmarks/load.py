@@ -1,5 +1,6 @@
 """Load generators and what they report: wrk (keep-alive, large bodies), h2load with
-the no-resumption shim (one full handshake per request) and the SNI client.
+the no-resumption shim (one full handshake per request), h2load over HTTP/2 (many
+streams per connection) and the SNI client.
 
 Every run targets 127.0.0.1, is bounded by a request count or a duration, and has a
 subprocess timeout. Results are plain dataclasses; parsing failures raise with the
@@ -133,6 +134,68 @@ def h2load_full_handshakes(port: int, workdir: Path, *, requests: int, clients: 
                            protocol=proto.group(1) if proto else "?",
                            cipher=cipher.group(1) if cipher else "?",
                            client_full=full, client_resumed=resumed)
+
+
+@dataclass(frozen=True)
+class H2Result:
+    requests: int      # measured (after the warm-up)
+    succeeded: int
+    failed: int
+    seconds: float
+    bytes: int
+    p50_ms: float      # from h2load's per-request log, measured period only
+    p99_ms: float
+    protocol: str      # h2load's "Application protocol"
+
+    @property
+    def rps(self) -> float:
+        return self.succeeded / self.seconds
+
+    @property
+    def mb_per_s(self) -> float:
+        return self.bytes / self.seconds / 1e6
+
+
+def h2load_streams(port: int, workdir: Path, *, path: str = "/", clients: int = 64,
+                   streams: int = 10, threads: int = 2, seconds: float = 10.0,
+                   warmup: float = 1.0) -> H2Result:
+    """HTTP/2 keep-alive load: `clients` connections with up to `streams` concurrent
+    streams each, for `seconds` after a `warmup` (h2load -D)."""
+    log = workdir / "h2load-requests.tsv"
+    log.unlink(missing_ok=True)
+    cmd = ["h2load", "-c", str(clients), "-m", str(streams), "-t", str(threads),
+           "-D", f"{max(1, round(seconds))}", f"--warm-up-time={max(0.0, warmup):g}s",
+           "--log-file", str(log), "-H", f":authority: {HOST}",
+           f"https://127.0.0.1:{port}{path}"]
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=seconds + warmup + 60)
+    out = done.stdout
+    m = re.search(r"finished in ([\d.]+)(m?s)", out)
+    r = re.search(r"requests: (\d+) total, \d+ started, \d+ done, (\d+) succeeded, "
+                  r"(\d+) failed", out)
+    t = re.search(r"traffic: .*?\((\d+)\) total", out)
+    proto = re.search(r"Application protocol: (\S+)", out)
+    if done.returncode != 0 or not m or not r or not t:
+        raise LoadError(f"h2load failed ({done.returncode}):\n{out}\n{done.stderr}")
+    if not proto or proto.group(1) != "h2":
+        raise LoadError(f"h2load did not negotiate h2:\n{out}")
+    p50, p99 = _percentiles(log, warmup)
+    return H2Result(requests=int(r.group(1)), succeeded=int(r.group(2)),
+                    failed=int(r.group(3)),
+                    seconds=float(m.group(1)) / (1000 if m.group(2) == "ms" else 1),
+                    bytes=int(t.group(1)), p50_ms=p50, p99_ms=p99, protocol=proto.group(1))
+
+
+def _percentiles(log: Path, warmup: float) -> tuple[float, float]:
+    """p50 and p99 (ms) of the requests h2load logged after the warm-up."""
+    rows = [line.split("\t") for line in log.read_text().splitlines() if line]
+    if not rows:
+        return 0.0, 0.0
+    first = min(int(row[0]) for row in rows)
+    times = sorted(int(row[2]) for row in rows if int(row[0]) >= first + warmup * 1e6)
+    if not times:
+        return 0.0, 0.0
+    return (times[len(times) // 2] / 1000,
+            times[min(len(times) - 1, int(len(times) * 0.99))] / 1000)
 
 
 @dataclass(frozen=True)

@@ -236,6 +236,7 @@ class ProxyOptions:
     access_log: bool
     backend_port: int
     cert: Cert
+    h2: bool = False  # HTTP/2 offered in ALPN (h2, http/1.1); else HTTP/1.1 only
 
 
 @dataclass(frozen=True)
@@ -289,7 +290,7 @@ http {{
     }}
     server {{
         # reuseport: one listening socket per worker, as tlsedge does.
-        listen 127.0.0.1:{port} ssl reuseport;
+        listen 127.0.0.1:{port} ssl{" http2" if opts.h2 else ""} reuseport;
         ssl_certificate {opts.cert.chain};
         ssl_certificate_key {opts.cert.key};
         ssl_protocols TLSv1.2 TLSv1.3;
@@ -330,7 +331,7 @@ defaults
     option forwardfor
 {log_defaults}
 frontend tls
-    bind 127.0.0.1:{port} ssl crt {opts.cert.combined} alpn http/1.1
+    bind 127.0.0.1:{port} ssl crt {opts.cert.combined} alpn {"h2," if opts.h2 else ""}http/1.1
     http-request set-header X-Forwarded-Proto https
     default_backend app
 
@@ -348,7 +349,7 @@ def _caddyfile(workdir: Path, opts: ProxyOptions, port: int) -> str:
 \tauto_https off
 \tdefault_sni {HOST}
 \tservers {{
-\t\tprotocols h1
+\t\tprotocols h1{" h2" if opts.h2 else ""}
 \t}}
 }}
 
@@ -378,11 +379,17 @@ def write_tlsedge_config(workdir: Path, opts: ProxyOptions, port: int, metrics: 
                                          "key": str(opts.cert.key)},
                 "certificates": [{"cert": str(c), "key": str(k)}
                                  for c, k in extras.certificates],
-                "context_cache_size": extras.context_cache_size},
+                "context_cache_size": extras.context_cache_size,
+                "alpn": ["h2", "http/1.1"] if opts.h2 else ["http/1.1"]},
         "store": {"path": str(extras.store or workdir / "store")},
         "apps": {APP: {"backends": [f"127.0.0.1:{opts.backend_port}"]}},
         "limits": {"drain_timeout": 2},
     }
+    if opts.h2:
+        # 64 connections x 100 streams are 6,400 requests at once: the other proxies
+        # open as many backend connections as they need; ours caps them (100 + a
+        # queue of 50 per backend and worker by default).
+        config["limits"].update(backend_max_connections=1024, backend_queue=8192)
     if opts.access_log and tlsedge_has_access_log():
         config["access_log"] = {"enabled": True, "path": str(workdir / "access.log")}
     path = workdir / "tlsedge.yaml"

@@ -1,7 +1,8 @@
-"""CPU time and memory of a process tree, read from /proc (Linux only).
+"""CPU time, memory and open files of a process tree, read from /proc (Linux only).
 
 Counts every process of a proxy (a master and its workers, or one multi-threaded
-process): utime+stime of each, and VmHWM / VmRSS summed. Reads only; never signals.
+process): utime+stime of each, VmHWM / VmRSS summed, and open file descriptors.
+Reads only; never signals.
 """
 
 from __future__ import annotations
@@ -73,3 +74,11 @@ def rss_kib(pid: int) -> int:
 
 def hwm_kib(pid: int) -> int:
     return _status_kib(pid, "VmHWM:")
+
+
+def open_fds(pid: int) -> int | None:
+    """File descriptors `pid` holds open now; None once it has exited."""
+    try:
+        return len(os.listdir(f"/proc/{pid}/fd"))
+    except (FileNotFoundError, ProcessLookupError):
+        return None

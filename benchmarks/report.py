@@ -57,6 +57,14 @@ ROWS: tuple[Row, ...] = (
             targets=((">=", 0.95, "nginx"), (">=", 1.5, "caddy"))),
         Row(f"CPU us/handshake {v}", "handshakes", v, "cpu_us_per_hs", "{:,.0f}"))),
     Row("1 MiB responses MB/s", "large", "", "mb_per_s", targets=((">=", 0.8, "nginx"),)),
+    *(r for v in ("m10", "m100") for r in (
+        Row(f"h2 small GETs -m {v[1:]} requests/s", "h2", v, "rps",
+            targets=((">=", 1.0, "caddy"),)),
+        Row(f"h2 small GETs -m {v[1:]} CPU us/request", "h2", v, "cpu_us_per_req",
+            "{:,.1f}", (("<=", 1.5, "keepalive//tlsedge/cpu_us_per_req"),)),
+        Row(f"h2 small GETs -m {v[1:]} p99 ms", "h2", v, "p99_ms", "{:,.2f}"))),
+    Row("h2 1 MiB downloads MB/s", "h2", "1mib", "mb_per_s"),
+    Row("h2 1 MiB CPU ms/MB", "h2", "1mib", "cpu_ms_per_mb", "{:,.2f}"),
     Row("1 MiB CPU ms/MB", "large", "", "cpu_ms_per_mb", "{:,.2f}"),
     Row("many names: 1-cert table, warm hs/s", "many_names", "1cert", "warm_hs_per_s"),
     Row("many names: big table, cold hs/s", "many_names", "table", "cold_hs_per_s"),
@@ -96,7 +104,8 @@ def _check(row: Row, med: Medians, mine: float) -> list[dict[str, Any]]:
             got = _value(med, path)
             if not got:
                 continue
-            base, what = got, f"{op} {factor:g}x {ref.split('/')[1] if '/' in ref else ref}"
+            named = (ref.split("/")[1] or ref.split("/")[0]) if "/" in ref else ref
+            base, what = got, f"{op} {factor:g}x {named}"
         ratio = mine / base
         ok = ratio >= factor if op == ">=" else ratio <= factor + 1e-9
         out.append({"target": what, "measured": ratio, "pass": ok, "abs": ref == "abs"})
@@ -139,9 +148,10 @@ def table(med: Medians) -> tuple[str, list[dict[str, Any]]]:
     return text, verdicts
 
 
-def write_json(directory: Path, payload: dict[str, Any]) -> Path:
+def write_json(directory: Path, payload: dict[str, Any], *, prefix: str = "") -> Path:
+    """`payload` as <prefix><timestamp>.json in `directory`, written atomically."""
     directory.mkdir(parents=True, exist_ok=True)
-    path = directory / f"{time.strftime('%Y%m%d-%H%M%S')}.json"
+    path = directory / f"{prefix}{time.strftime('%Y%m%d-%H%M%S')}.json"
     tmp = path.with_suffix(".tmp")
     tmp.write_text(json.dumps(payload, indent=2, sort_keys=True) + "\n")
     tmp.replace(path)

@@ -1,5 +1,6 @@
-"""The six scenarios of issue 5. Each function runs ONE round for one proxy (or one
-tlsedge variant) and returns flat numbers; compare.py alternates proxies and rounds.
+"""The scenarios of issue 5, and HTTP/2 (issue 13). Each function runs ONE round for
+one proxy (or one tlsedge variant) and returns flat numbers; compare.py alternates
+proxies and rounds.
 
 A scenario starts the programs it measures and stops them before it returns, also
 on errors. Proxy CPU is utime+stime of all the proxy's processes from /proc, taken
@@ -48,9 +49,9 @@ class Bench:
     warmup: float = 1.0       # seconds of unmeasured keep-alive load before measuring
     _starts: int = field(default=0)
 
-    def opts(self, kind: str = "ecdsa") -> peers.ProxyOptions:
+    def opts(self, kind: str = "ecdsa", *, h2: bool = False) -> peers.ProxyOptions:
         return peers.ProxyOptions(self.workers, self.access_log, self.backend_port,
-                                  self.served[kind])
+                                  self.served[kind], h2)
 
     def fresh_dir(self, name: str) -> Path:
         self._starts += 1
@@ -87,6 +88,31 @@ def keepalive_and_large(bench: Bench, proxy: str, *, large: bool = True
         large = {"mb_per_s": big.mb_per_s, "cpu_ms_per_mb": cpu * 1e3 / max(big.bytes / 1e6, 1),
                  "errors": big.socket_errors + big.non_2xx}
     return {"keepalive": keepalive, "large": large}
+
+
+# -- HTTP/2: many streams per connection (issue 13) ------------------------------------------
+
+H2_VARIANTS = (("m10", "/", 64, 10), ("m100", "/", 64, 100), ("1mib", peers.BIG_PATH, 16, 1))
+
+
+def http2(bench: Bench, proxy: str) -> dict[str, Numbers]:
+    """h2load over HTTP/2 (every proxy with h2 on, same certificate and workers):
+    small GETs on 64 connections with 10 and 100 streams each, and 1 MiB downloads."""
+    work = bench.fresh_dir(f"{proxy}-h2")
+    out: dict[str, Numbers] = {}
+    with peers.running(peers.start_proxy(proxy, work, bench.opts(h2=True))) as proc:
+        for variant, path, clients, streams in H2_VARIANTS:
+            res, cpu = _measure(proc, lambda p=path, c=clients, m=streams: load.h2load_streams(
+                proc.port, work, path=p, clients=c, streams=m, seconds=bench.seconds,
+                warmup=bench.warmup))
+            row = {"rps": res.rps, "p50_ms": res.p50_ms, "p99_ms": res.p99_ms,
+                   "cpu_us_per_req": cpu / max(res.succeeded, 1) * 1e6,
+                   "failed": res.failed}
+            if path == peers.BIG_PATH:
+                row["mb_per_s"] = res.mb_per_s
+                row["cpu_ms_per_mb"] = cpu * 1e3 / max(res.bytes / 1e6, 1)
+            out[variant] = row
+    return out
 
 
 # -- 2: full handshakes ------------------------------------------------------------------------

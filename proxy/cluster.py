@@ -22,12 +22,11 @@ from proxy import metrics
 from proxy.config import Config
 from proxy.errors import StoreError
 from proxy.store import records as rec
-from proxy.store.base import Store
+from proxy.store.base import HasHealth, Store
 
 log = logging.getLogger("tlsedge.cluster")
 
 HEARTBEAT = 5.0  # seconds between two writes of a node record
-LOCKS = "locks/"
 
 
 class NodeRecord(rec.Record, frozen=True):
@@ -80,10 +79,9 @@ async def status_lines(store: Store, *, now: float | None = None) -> list[str]:
     """What `tlsedge cluster status` prints: one line per fact."""
     now = time.time() if now is None else now
     lines = []
-    health = getattr(store, "health", None)
     revision = await store.revision()
-    if health is not None:
-        lines.append(await health())
+    if isinstance(store, HasHealth):
+        lines.append(await store.health())
     lines.append(f"store revision: {revision}")
     nodes = []
     for item in await store.scan(rec.NODES):
@@ -99,7 +97,7 @@ async def status_lines(store: Store, *, now: float | None = None) -> list[str]:
                      f"(behind {max(0, revision - node.applied_revision)}), "
                      f"pid {node.pid} on {node.host}, up {_age(now - node.started_at)}")
     held = []
-    for item in await store.scan(LOCKS):
+    for item in await store.scan(rec.LOCKS):
         try:
             record = json.loads(item.value)
         except ValueError:
@@ -107,7 +105,7 @@ async def status_lines(store: Store, *, now: float | None = None) -> list[str]:
         expires = record.get("expires")  # files: the holder's deadline; etcd: a lease
         if isinstance(expires, float | int) and expires <= now:
             continue
-        held.append(f"  {item.key[len(LOCKS):]:<40} held by {record.get('holder', '?')} "
+        held.append(f"  {item.key[len(rec.LOCKS):]:<40} held by {record.get('holder', '?')} "
                     f"(token {item.revision})")
     lines.append(f"locks held: {len(held)}")
     lines.extend(held)

@@ -38,10 +38,6 @@ class ConflictError(StoreError):
     """A compare-and-swap lost: the record changed since it was read."""
 
 
-class NotFound(StoreError):
-    """The record does not exist."""
-
-
 class IssuanceError(TlsEdgeError):
     """An ACME order failed; the message carries the CA's reason."""
 

@@ -20,7 +20,7 @@ from bisect import bisect_left
 from collections.abc import Callable, Iterable
 
 from prometheus_client import Counter, Gauge, Histogram, values
-from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.core import GaugeHistogramMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
 
 if os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
@@ -88,8 +88,9 @@ ACTIVE_CONNECTIONS = Gauge(
 )
 REQUESTS = Counter(
     "tlsedge_requests_total",
-    "Requests answered, by app (empty when no app matched) and status class (2xx..5xx).",
-    ["app", "code_class"],
+    "Requests answered, by app (empty when no app matched), status class (2xx..5xx) and "
+    "client protocol (http/1.1, h2).",
+    ["app", "code_class", "protocol"],
 )
 UPSTREAM_SECONDS = Histogram(
     "tlsedge_upstream_response_seconds",
@@ -117,6 +118,14 @@ LIMITS_HIT = Counter(
     "Requests or connections cut by a limit or timeout, by which one.",
     ["limit"],
 )
+PROXY_PROTOCOL = Counter(
+    "tlsedge_proxy_protocol_total",
+    "Connections on a listener with proxy_protocol by what their PROXY header was: ok, "
+    "local (the balancer's own check), untrusted (a source outside `trusted`), missing "
+    "(no header: TLS or HTTP first), invalid, truncated (closed mid-header), timeout. "
+    "All but ok and local were closed unread.",
+    ["result"],
+)
 CHALLENGES_SERVED = Counter(
     "tlsedge_acme_challenges_served_total",
     "HTTP-01 challenge requests on the plain-HTTP listener by result (hit, miss).",
@@ -124,28 +133,106 @@ CHALLENGES_SERVED = Counter(
 )
 
 
-class CertificateExpiry(Collector):
-    """Expiry of each loaded certificate, read from the current snapshot at scrape time.
+# Expiry buckets of tlsedge_certificates{expires_in}: (label, seconds left below).
+EXPIRY_BUCKETS = (("expired", 0.0), ("lt_3d", 3 * 86400.0), ("lt_14d", 14 * 86400.0),
+                  ("lt_30d", 30 * 86400.0), ("ge_30d", float("inf")))
+Held = tuple[str, str, str, float]  # (primary name, source, role, not_after)
+Hours = tuple[str, str, int, int]  # (source, role, hour it expires in: Unix time // 3600, count)
+# Buckets (days left, upper bounds) of tlsedge_certificate_expiry_days.
+EXPIRY_DAYS = (0.0, 1.0, 3.0, 7.0, 14.0, 21.0, 30.0, 45.0, 60.0, 90.0)
 
-    Lives in the supervisor's registry (not in the multiprocess files) so a certificate
-    that leaves the table also leaves the scrape. `source` returns
-    (primary_name, source, not_after_unix) triples.
+
+class CertificateExpiry(Collector):
+    """Expiry of every certificate the node holds, serving or standby, read at scrape
+    time (a certificate that leaves the store or the config leaves the scrape), in
+    series whose number never grows with the domains:
+
+    - one series per certificate for the `per_certificate` expiring first
+      (metrics.certificate_series);
+    - per source and role: the soonest expiry, counts by expires_in bucket, and a
+      histogram of days to expiry (tlsedge_certificate_expiry_days).
+
+    Lives in the supervisor's registry, not in the multiprocess files. `held` returns
+    (primary_name, source, role, not_after) of at least the soonest `per_certificate`
+    certificates of each source and role (every config certificate; the store's
+    soonest, sync.Tally); `hours` how many of each source and role expire in each
+    hour (all of them): the counts are to the hour, the rest exact. role is serving or
+    standby (e.g. the Let's Encrypt certificate behind a custom one).
     """
 
-    def __init__(self, source: Callable[[], Iterable[tuple[str, str, float]]]) -> None:
-        self._source = source
+    def __init__(self, held: Callable[[], Iterable[Held]],
+                 hours: Callable[[], Iterable[Hours]], clock: Callable[[], float],
+                 per_certificate: int) -> None:
+        self._held = held
+        self._hours = hours
+        self._clock = clock
+        self._per_certificate = per_certificate
 
-    def collect(self) -> Iterable[GaugeMetricFamily]:
-        family = GaugeMetricFamily(
+    def collect(self) -> Iterable[GaugeMetricFamily | GaugeHistogramMetricFamily]:
+        held = sorted(self._held(), key=lambda h: h[3])
+        now = self._clock()
+        yield from self._series(held[:self._per_certificate], now)
+        soonest: dict[tuple[str, str], float] = {}
+        for _, source, role, not_after in held:
+            soonest.setdefault((source, role), not_after)
+        first = GaugeMetricFamily(
+            "tlsedge_certificates_soonest_expiry_timestamp_seconds",
+            "Unix time at which the first certificate held of each source and role "
+            "expires (role standby included: a certificate kept behind the one served).",
+            labels=["source", "role"])
+        for (source, role), not_after in sorted(soonest.items()):
+            first.add_metric([source, role], not_after)
+        yield first
+        yield from self._counts(now)
+
+    def _series(self, held: list[Held], now: float) -> Iterable[GaugeMetricFamily]:
+        labels = ["name", "source", "role"]
+        at = GaugeMetricFamily(
             "tlsedge_certificate_expiry_timestamp_seconds",
-            "Unix time at which each loaded certificate expires, by its primary name "
-            "(a store certificate: the domain it serves) "
-            "in our table and its source (platform, static, custom, acme).",
-            labels=["name", "source"],
-        )
-        for name, source, not_after in self._source():
-            family.add_metric([name, source], not_after)
-        yield family
+            "Unix time at which each certificate held expires, by its primary name (a "
+            "store certificate: the domain it serves), source (platform, static, custom, "
+            "acme) and role (serving, standby); for the metrics.certificate_series "
+            "certificates expiring first.", labels=labels)
+        left = GaugeMetricFamily(
+            "tlsedge_certificate_expiry_seconds",
+            "Seconds until each certificate held expires (negative: expired); the same "
+            "series as tlsedge_certificate_expiry_timestamp_seconds.", labels=labels)
+        for name, source, role, not_after in held:
+            at.add_metric([name, source, role], not_after)
+            left.add_metric([name, source, role], not_after - now)
+        yield from (at, left)
+
+    def _counts(self, now: float) -> Iterable[GaugeMetricFamily | GaugeHistogramMetricFamily]:
+        counts: dict[tuple[str, str, str], int] = {}
+        days: dict[tuple[str, str], list[int]] = {}
+        sums: dict[tuple[str, str], float] = {}
+        for source, role, hour, n in self._hours():
+            remaining = hour * 3600.0 - now  # to the hour: from the start of its hour
+            bucket = next(b for b, below in EXPIRY_BUCKETS if remaining < below)
+            counts[(source, role, bucket)] = counts.get((source, role, bucket), 0) + n
+            per_day = days.setdefault((source, role), [0] * (len(EXPIRY_DAYS) + 1))
+            per_day[bisect_left(EXPIRY_DAYS, remaining / 86400.0)] += n
+            sums[(source, role)] = sums.get((source, role), 0.0) + n * remaining / 86400.0
+        by_bucket = GaugeMetricFamily(
+            "tlsedge_certificates",
+            "Certificates held by source, role and time left (expires_in: expired, "
+            "lt_3d, lt_14d, lt_30d, ge_30d; each certificate in one bucket, to the hour; "
+            "a store certificate counts once per domain holding it).",
+            labels=["source", "role", "expires_in"])
+        for (source, role, bucket), n in sorted(counts.items()):
+            by_bucket.add_metric([source, role, bucket], n)
+        histogram = GaugeHistogramMetricFamily(
+            "tlsedge_certificate_expiry_days",
+            "Certificates held by days left until they expire (to the hour; negative: "
+            "expired), by source and role.", labels=["source", "role"])
+        for (source, role), per_day in sorted(days.items()):
+            running, buckets = 0, []
+            for bound, n in zip((*EXPIRY_DAYS, float("inf")), per_day, strict=True):
+                running += n
+                buckets.append(("+Inf" if bound == float("inf") else f"{bound:g}", running))
+            histogram.add_metric([source, role], buckets, sums[(source, role)])
+        yield from (by_bucket, histogram)
+
 
 STORE_ERRORS = Counter(
     "tlsedge_store_errors_total",
@@ -159,13 +246,27 @@ STORE_APPLIED_REVISION = Gauge(
 )
 ACME_ORDERS = Counter(
     "tlsedge_acme_orders_total",
-    "ACME orders placed by this node's lifecycle, by result (ok, failed).",
-    ["result"],
+    "ACME orders placed by this node's lifecycle, by issuer (acme.issuers name) and "
+    "result (ok, failed).",
+    ["issuer", "result"],
 )
 ACME_ORDER_SECONDS = Histogram(
     "tlsedge_acme_order_duration_seconds",
     "Time from placing an ACME order to holding the certificate.",
     buckets=(0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0),
+)
+ACME_QUEUE = Gauge(
+    "tlsedge_acme_queue_length",
+    "Orders this node's lifecycle holds back for the CA's rate limits (the order budget) "
+    "or a pause the CA asked for; each domain's status says why and until when.",
+    multiprocess_mode="livemax",
+)
+ACME_BUDGET = Gauge(
+    "tlsedge_acme_budget_remaining",
+    "Orders the CA's rate limits allow now, by issuer and limit kind: the account's new "
+    "orders, and the lowest left of any registered domain, name set or hostname.",
+    ["issuer", "kind"],
+    multiprocess_mode="livemin",
 )
 RENEWALS_DUE = Gauge(
     "tlsedge_acme_work_due",
@@ -177,39 +278,57 @@ DNS_CHECKS = Counter(
     "DNS checks of custom domains by result (ok = points at us, not_pointing).",
     ["result"],
 )
+LIFECYCLE_SKIPPED_RECORDS = Counter(
+    "tlsedge_lifecycle_unreadable_records_total",
+    "Store records the lifecycle could not decode and skipped (each time it skipped "
+    "one), by prefix (domains, status, other); the domains they belong to are not "
+    "ordered or renewed until the record is fixed.",
+    ["prefix"],
+)
+LIFECYCLE_PASS_FAILURES = Counter(
+    "tlsedge_lifecycle_pass_failures_total",
+    "Lifecycle passes that failed with an unexpected error (logged with its traceback; "
+    "the lifecycle backs off and goes on).",
+)
+WORKER_RESTARTS = Counter(
+    "tlsedge_worker_restarts_total",
+    "Data-plane worker processes that exited and were started again by the supervisor.",
+)
+NODE_TASK_RESTARTS = Counter(
+    "tlsedge_node_task_restarts_total",
+    "Supervisor tasks (lifecycle, store follower, node record, admin) that died and "
+    "were started again, by task.",
+    ["task"],
+)
+
+
+def zero_known_children() -> None:
+    """Create the children of bounded label sets at 0, so the first failure is an
+    increase a rule can see (a child that appears at 1 looks to increase() like no
+    change)."""
+    for result in ("ok", "failed"):
+        RELOADS.labels(result)
 
 
 class DomainCertificates(Collector):
     """Custom domains by the certificate serving them and their Let's Encrypt status,
     computed at scrape time from the supervisor's view of the store. `source` returns
-    ((in_use, status) -> count) and (primary name, source, not_after) triples."""
+    ((in_use, status) -> count)."""
 
-    def __init__(self, source: Callable[[], tuple[dict[tuple[str, str], int],
-                                                  Iterable[tuple[str, str, float]]]],
-                 clock: Callable[[], float]) -> None:
+    def __init__(self, source: Callable[[], dict[tuple[str, str], int]]) -> None:
         self._source = source
-        self._clock = clock
 
     def collect(self) -> Iterable[GaugeMetricFamily]:
-        counts, expiries = self._source()
         by_status = GaugeMetricFamily(
             "tlsedge_domains",
             "Custom domains by the certificate in use (custom, letsencrypt, platform) "
             "and Let's Encrypt status.",
             labels=["in_use", "status"],
         )
-        for (in_use, status), n in sorted(counts.items()):
+        for (in_use, status), n in sorted(self._source().items()):
             by_status.add_metric([in_use, status], n)
         yield by_status
-        remaining = GaugeMetricFamily(
-            "tlsedge_certificate_expiry_seconds",
-            "Seconds until each loaded certificate expires (negative: expired).",
-            labels=["name", "source"],
-        )
-        now = self._clock()
-        for name, source, not_after in expiries:
-            remaining.add_metric([name, source], not_after - now)
-        yield remaining
+
 
 # -- the store in a cluster (etcd) -------------------------------------------------------
 STORE_OP_SECONDS = Histogram(
@@ -331,6 +450,44 @@ def flush() -> None:
             counter.flush()
     for histogram in _batched_histograms.values():
         histogram.flush()
+
+
+# -- the workers' event loops -------------------------------------------------------------
+LOOP_STALLS = Histogram(
+    "tlsedge_event_loop_stall_seconds",
+    "How late a worker's event loop ran a timer due every 10 ms: the longest any "
+    "handshake or request waited for the loop at that moment.",
+    buckets=(0.002, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5),
+)
+LOOP_STALL_MAX = Gauge(
+    "tlsedge_event_loop_stall_max_seconds",
+    "The longest event-loop stall of a worker since it started serving (the worst "
+    "live worker).",
+    multiprocess_mode="livemax",
+)
+LOOP_TICK = 0.01
+
+
+def watch_loop(loop: asyncio.AbstractEventLoop) -> None:
+    """Time how late `loop` runs a timer every LOOP_TICK (a stall: something ran that
+    long without letting the loop go) into LOOP_STALLS and LOOP_STALL_MAX. ~100
+    callbacks a second of a few microseconds; the histogram is batched."""
+    stalls = batched_histogram(LOOP_STALLS)
+    longest = 0.0
+
+    def tick(due: float) -> None:
+        nonlocal longest
+        now = loop.time()
+        late = max(0.0, now - due)
+        stalls.observe(late)
+        if late > longest:
+            longest = late
+            LOOP_STALL_MAX.set(late)
+        loop.call_at(now + LOOP_TICK, tick, now + LOOP_TICK)
+
+    LOOP_STALL_MAX.set(0.0)
+    first = loop.time() + LOOP_TICK
+    loop.call_at(first, tick, first)
 
 
 def start_flushing(loop: asyncio.AbstractEventLoop) -> None:

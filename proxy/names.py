@@ -1,18 +1,27 @@
-"""Hostname rules: normalisation (lower-case, IDNA A-labels, no trailing dot) and
-RFC 6125 wildcard matching. Pure functions on strings: this module never does I/O,
-never resolves a name, and `sni_key` never validates (it runs inside handshakes).
+"""Hostname rules: normalisation (lower-case, IDNA A-labels, no trailing dot), RFC 6125
+wildcard matching, and registered domains by the Public Suffix List. Pure functions on
+strings: this module never resolves a name, and `sni_key` never validates (it runs
+inside handshakes). Its only read is the list's snapshot bundled with the
+`publicsuffixlist` package, once, on the first `registered_domain` call.
 """
 
 from __future__ import annotations
 
+import functools
 import ipaddress
 import re
+from collections.abc import Iterable
+from typing import TYPE_CHECKING
 
 import idna
 
 from proxy.errors import InvalidName
 
-__all__ = ["covers", "is_ip", "normalize", "parent_wildcard", "sni_key"]
+if TYPE_CHECKING:
+    from publicsuffixlist import PublicSuffixList
+
+__all__ = ["NameSet", "covers", "is_ip", "normalize", "parent_wildcard",
+           "registered_domain", "require_registrable", "sni_key"]
 
 _LABEL = re.compile(r"[a-z0-9](?:[a-z0-9-]{0,61}[a-z0-9])?\Z")
 _MAX_NAME = 253
@@ -86,6 +95,12 @@ def normalize(name: str, *, allow_wildcard: bool = False) -> str:
     return name
 
 
+def unmapped_ip(host: str) -> str:
+    """A peer address as limits, logs and trust lists know it: an IPv4 client of a
+    dual-stack listener (seen as ::ffff:a.b.c.d) is its IPv4 address."""
+    return host[7:] if host.startswith("::ffff:") and "." in host else host
+
+
 def is_ip(name: str) -> bool:
     """True when `name` is an IPv4 or IPv6 literal (brackets allowed for IPv6)."""
     if name.startswith("[") and name.endswith("]"):
@@ -146,3 +161,83 @@ def covers(pattern: str, name: str) -> bool:
         return False
     label = name[: -len(suffix)]
     return bool(label) and "." not in label and label != "*"
+
+
+class NameSet:
+    """The names one certificate covers, asked many times: `covers(name)` answers as
+    `any(covers(p, name) for p in patterns)` would, with at most two set lookups.
+    """
+
+    __slots__ = ("_exact", "_suffixes")
+
+    def __eq__(self, other: object) -> bool:
+        """Equal when they hold the same names (a renewed certificate's, say)."""
+        return isinstance(other, NameSet) and other._exact == self._exact
+
+    def __hash__(self) -> int:
+        return hash(self._exact)
+
+    def __init__(self, patterns: Iterable[str]) -> None:
+        exact: set[str] = set()
+        suffixes: set[str] = set()
+        for pattern in patterns:
+            pattern = pattern.lower().removesuffix(".")
+            exact.add(pattern)  # a "*.x.y" pattern covers that pattern itself too
+            if pattern.startswith("*.") and pattern.count(".") >= 2:
+                suffixes.add(pattern[1:])  # ".x.y"; "*.tld" matches nothing
+        self._exact = frozenset(exact)
+        self._suffixes = frozenset(suffixes)
+
+    def covers(self, name: str) -> bool:
+        name = name.lower().removesuffix(".")
+        if name in self._exact:
+            return True
+        dot = name.find(".")
+        # The wildcard's one label: the part before the first dot, never empty or "*".
+        return dot > 0 and name[dot:] in self._suffixes and name[:dot] != "*"
+
+
+@functools.cache
+def _suffix_list() -> PublicSuffixList:
+    # Imported and parsed (~60 ms, a few MB) only by the processes that ask: the data
+    # plane never does.
+    from publicsuffixlist import PublicSuffixList
+
+    # Both sections of the list: a private entry (github.io) is a public suffix to
+    # browsers and to CAs' per-domain limits alike. A TLD the list does not know counts
+    # as a one-label public suffix (its default rule "*"), so "shop.test" is registrable.
+    return PublicSuffixList(accept_unknown=True, only_icann=False)
+
+
+def registered_domain(name: str) -> str | None:
+    """The registrable domain of normalised `name`: its public suffix plus one label.
+
+    "www.shop.co.uk" -> "shop.co.uk", "*.a.example.com" -> "example.com". None when
+    `name` is a public suffix itself ("com", "co.uk", "github.io") or a single label
+    ("localhost"). The first call reads the bundled list (~60 ms): call it off the
+    event loop, or after a call that did.
+    """
+    name = name.removeprefix("*.")
+    if "." not in name:
+        return None
+    return _suffix_list().privatesuffix(name)
+
+
+def require_registrable(name: str) -> str:
+    """`name` (normalised) when it can be a custom domain; else InvalidName saying why.
+
+    A custom domain is a name at or under a registrable domain: never a public suffix,
+    whose subdomains belong to unrelated owners, nor a single label.
+    """
+    if "." not in name:
+        raise InvalidName(f"{name} cannot be a custom domain: it is a single label, a "
+                          "top-level domain or a local name (use a full name such as "
+                          "www.example.com)")
+    if name.startswith("*.") and registered_domain(name[2:]) is None:
+        raise InvalidName(f"{name} cannot be a custom domain: {name[2:]} is a public "
+                          "suffix (the names under it belong to different owners)")
+    if registered_domain(name) is None:
+        raise InvalidName(f"{name} cannot be a custom domain: it is a public suffix "
+                          f"(names under it, such as example.{name}, belong to different "
+                          "owners)")
+    return name

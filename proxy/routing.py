@@ -17,6 +17,9 @@ from proxy.config import AppConfig, parse_address
 class Backend:
     host: str
     port: int
+    # Open each connection with a PROXY v2 header naming the client (the app's
+    # send_proxy_protocol); such connections are never pooled between clients.
+    send_proxy: bool = False
 
     @property
     def key(self) -> str:
@@ -26,22 +29,29 @@ class Backend:
 class App:
     """One app as routed: its backends and the per-app options."""
 
-    __slots__ = ("_next", "backends", "canonical_domain", "force_https", "name")
+    __slots__ = ("_next", "backends", "canonical_domain", "force_https", "name",
+                 "request_buffering", "response_buffering")
 
     def __init__(self, name: str, backends: tuple[Backend, ...], *, force_https: bool = False,
-                 canonical_domain: str | None = None) -> None:
+                 canonical_domain: str | None = None, request_buffering: bool = True,
+                 response_buffering: bool = True) -> None:
         self.name = name
         self.backends = backends
         self.force_https = force_https
         self.canonical_domain = canonical_domain
+        self.request_buffering = request_buffering
+        self.response_buffering = response_buffering
         self._next = 0
 
     @classmethod
     def from_config(cls, name: str, spec: AppConfig) -> App:
-        backends = tuple(Backend(*parse_address(b, where=f"apps.{name}.backends"))
-                         for b in spec.backends)
+        send_proxy = spec.send_proxy_protocol == "v2"
+        backends = tuple(Backend(*parse_address(b, where=f"apps.{name}.backends"),
+                                 send_proxy=send_proxy) for b in spec.backends)
         return cls(name, backends, force_https=spec.force_https,
-                   canonical_domain=spec.canonical_domain)
+                   canonical_domain=spec.canonical_domain,
+                   request_buffering=spec.request_buffering,
+                   response_buffering=spec.response_buffering)
 
     def rotation(self) -> list[Backend]:
         """Backends in the order to try for one request: round-robin start."""
@@ -54,9 +64,10 @@ class App:
 class RouteTable:
     """Immutable map from a request's Host to its app.
 
-    `<app>.<platform_domain>` routes to app `<app>`; custom domains route through
-    the `domains` map (host -> app name; a dict, or the immutables.Map a worker's
-    composer updates per store event without copying a million names). Lookups
+    `<app>.<platform_domain>` routes to app `<app>`; custom domains (and one-label
+    wildcards, `*.shop.example.com`) route through the `domains` map (host -> app
+    name; a dict, or the immutables.Map a worker's composer updates per store event
+    without copying a million names). Lookups
     take an already lower-cased host without port.
     """
 
@@ -79,7 +90,13 @@ class RouteTable:
         return self._domains
 
     def resolve(self, host: str) -> App | None:
+        """Exact custom domain, then a wildcard one (`*.shop.example.com` routes every
+        one-label subdomain: an exact domain under it wins), then `<app>.<platform>`."""
         name = self._domains.get(host)
+        if name is None:
+            dot = host.find(".")
+            if dot > 0:
+                name = self._domains.get("*" + host[dot:])
         if name is not None:
             app = self._apps.get(name)
             if app is not None:

@@ -23,7 +23,7 @@ from proxy import metrics
 from proxy.certs.table import CertSelector, ContextCache, install_sni_unraisable_hook
 from proxy.certs.tls import base_context
 from proxy.config import parse_address
-from proxy.dataplane.server import Worker
+from proxy.dataplane.server import TrustedSources, Worker
 from proxy.dataplane.state import Live
 from proxy.errors import StoreError, TlsEdgeError
 from proxy.store import open_store
@@ -32,8 +32,10 @@ from proxy.store.base import Store
 from proxy.sync import (
     Composed,
     Composer,
+    Resident,
     SlotLoader,
     Snapshot,
+    SnapshotReader,
     StoreFollower,
     StoreState,
     load_state,
@@ -41,6 +43,7 @@ from proxy.sync import (
 )
 
 log = logging.getLogger("tlsedge.worker")
+CATCH_UP = 10.0  # seconds a restarted worker may replay changes before it serves anyway
 
 
 def _die_with_parent() -> None:
@@ -65,10 +68,11 @@ class WorkerNode:
         self._reload_again = False
         self.cache = ContextCache(static.tls, static.config.tls.context_cache_size)
         self.composer = Composer()
-        composed = self.composer.full(static, state, time.time())
+        composed = self.composer.full(static, state)
         selector = CertSelector(composed.certs, self.cache)
         config = static.config
-        _, https_port = parse_address(config.listen.https, where="listen.https")
+        _, https_port = parse_address(config.listen.listener("https").address,
+                                      where="listen.https")
         self.live = Live(selector=selector, tls_context=self._base(selector),
                          routes=composed.routes, limits=config.limits, https_port=https_port,
                          handshake_timeout=config.tls.handshake_timeout,
@@ -88,12 +92,12 @@ class WorkerNode:
 
     def recompose(self) -> None:
         """New tables from a new static snapshot and the store state; swap."""
-        self._swap(self.composer.restatic(self.static, self.state, time.time()))
+        self._swap(self.composer.restatic(self.static, self.state))
 
     def apply_store_changes(self) -> None:
         """After a batch of store events: re-index only the domains they added or
         removed; swap. Load new domains' certificates while there is room."""
-        self._swap(self.composer.update(self.static, self.state, time.time()))
+        self._swap(self.composer.update(self.static, self.state))
         self.loader.load_fresh()
 
     def _validity_changed(self) -> None:
@@ -145,7 +149,8 @@ class WorkerNode:
                 static = await asyncio.to_thread(load_static, self.config_path)
             except TlsEdgeError as exc:
                 metrics.RELOADS.labels("failed").inc()
-                log.error("reload failed, still serving the previous config: %s", exc)
+                log.error("reload failed, still serving the previous config: %s", exc,
+                          extra={"reason": str(exc)})
             else:
                 self._apply(static)
             if not self._reload_again:
@@ -177,21 +182,79 @@ class WorkerNode:
         return item.value.decode() if item is not None else None
 
 
-async def serve(config_path: str, https_fd: int, http_fd: int, ready_fd: int) -> int:
+async def _start_state(store: Store, resident: int, snapshot: SnapshotReader | None
+                       ) -> tuple[StoreState, bool]:
+    """The state to serve from: the supervisor's snapshot (names and routes; whether its
+    certificates are still to come), or a read of the store when there is none."""
+    if snapshot is not None:
+        loop = asyncio.get_running_loop()
+        state = StoreState(resident=Resident(resident))
+        try:
+            started = time.monotonic()
+            section = await loop.run_in_executor(None, snapshot.next_section)
+            if section is not None:
+                snapshot.names(section, state)
+                log.info("%d domains from the supervisor's snapshot (revision %d) in %.2f s",
+                         state.domain_count(), state.revision, time.monotonic() - started)
+                return state, True
+            log.warning("the supervisor's snapshot was not handed over; reading the store")
+        except (OSError, ValueError) as exc:
+            log.warning("the supervisor's snapshot cannot be read (%s); reading the store",
+                        exc)
+        snapshot.close()
+    return await load_state(store, resident=resident, certificates=False), False
+
+
+async def _certificates(node: WorkerNode, snapshot: SnapshotReader | None,
+                        from_snapshot: bool) -> None:
+    """Within the resident limit, every certificate, once the listeners serve: from the
+    snapshot's sections as the supervisor publishes them, else from the store."""
+    if not from_snapshot or snapshot is None:
+        await node.loader.warm()
+        return
+    started = time.monotonic()
+    try:
+        filled = await node.loader.fill_from(snapshot)
+    finally:
+        snapshot.close()
+    if filled is not None:
+        log.info("%d certificates from the supervisor's snapshot in %.2f s", filled,
+                 time.monotonic() - started)
+
+
+async def serve(config_path: str, https_fd: int, http_fd: int, ready_fd: int,
+                snapshot_fd: int = -1, sections_fd: int = -1) -> int:
     static = load_static(config_path)
     store = open_store(static.config)
-    state = await load_state(store, resident=static.config.store.resident_certificates,
-                             certificates=False)
+    snapshot = SnapshotReader(snapshot_fd, sections_fd) if snapshot_fd >= 0 else None
+    state, from_snapshot = await _start_state(
+        store, static.config.store.resident_certificates, snapshot)
     node = WorkerNode(config_path, static, store, state)
     # What start-up built lives as long as the worker: out of the collector's sight, a
     # full collection no longer walks a million domains' objects (a pause for every
     # request in flight).
     gc.freeze()
+    # From the snapshot's revision on; a certificate changed meanwhile is left to a read
+    # of its own by the fill (StoreState.filling).
+    state.filling = set()
     follower = StoreFollower(store, state, node.apply_store_changes)
     follow = asyncio.create_task(follower.run(), name="store-follower")
-    worker = Worker(node.live, socket.socket(fileno=https_fd), socket.socket(fileno=http_fd))
+    if snapshot is not None and snapshot.applied > state.revision:
+        # A restart, from a snapshot older than what the node serves: catch up first.
+        started = time.monotonic()
+        if not await follower.reach(snapshot.applied, CATCH_UP):
+            log.warning("still behind the node's revision %d after %.0f s; serving from %d",
+                        snapshot.applied, CATCH_UP, state.revision)
+        log.info("caught up from the snapshot's revision to %d in %.2f s", state.revision,
+                 time.monotonic() - started)
+    listen = static.config.listen  # read at start, like the sockets (a restart changes it)
+    worker = Worker(node.live, socket.socket(fileno=https_fd), socket.socket(fileno=http_fd),
+                    https_proxy=TrustedSources.of(listen.listener("https")),
+                    http_proxy=TrustedSources.of(listen.listener("http")))
     await worker.start()
-    warm = asyncio.create_task(node.loader.warm(), name="read-certificates")
+    metrics.watch_loop(asyncio.get_running_loop())  # stalls from here on are someone's wait
+    warm = asyncio.create_task(_certificates(node, snapshot, from_snapshot),
+                               name="read-certificates")
     loop = asyncio.get_running_loop()
     stop = asyncio.Event()
 
@@ -216,9 +279,11 @@ async def serve(config_path: str, https_fd: int, http_fd: int, ready_fd: int) ->
     return 0
 
 
-def run(config_path: str, https_fd: int, http_fd: int, ready_fd: int) -> int:
+def run(config_path: str, https_fd: int, http_fd: int, ready_fd: int,
+        snapshot_fd: int = -1, sections_fd: int = -1) -> int:
     import uvloop
 
     _die_with_parent()
     install_sni_unraisable_hook()
-    return uvloop.run(serve(config_path, https_fd, http_fd, ready_fd))
+    return uvloop.run(serve(config_path, https_fd, http_fd, ready_fd, snapshot_fd,
+                            sections_fd))

@@ -8,7 +8,7 @@ cd "$(dirname "$0")/.."
 want=${1:-run}
 apt_packages="openssl curl"
 if [ "$want" = test ]; then
-  apt_packages="$apt_packages pebble etcd-server nginx haproxy caddy wrk nghttp2-client systemd chromium chromium-driver gcc libssl-dev"
+  apt_packages="$apt_packages pebble etcd-server nginx haproxy caddy wrk nghttp2-client systemd chromium chromium-driver gcc libssl-dev bind9 bind9-utils etcd-client slowhttptest prometheus"
 fi
 
 as_root() { if [ "$(id -u)" = 0 ]; then "$@"; else sudo "$@"; fi; }

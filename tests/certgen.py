@@ -63,6 +63,10 @@ def _sign_alg(key: PrivateKey) -> hashes.SHA256 | None:
     return None if isinstance(key, ed25519.Ed25519PrivateKey) else hashes.SHA256()
 
 
+def _authority_key_id(issuer_key: PrivateKey) -> x509.AuthorityKeyIdentifier:
+    return x509.AuthorityKeyIdentifier.from_issuer_public_key(issuer_key.public_key())
+
+
 def _name(common_name: str) -> x509.Name:
     return x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, common_name)])
 
@@ -127,6 +131,8 @@ class CA:
             .add_extension(x509.SubjectKeyIdentifier.from_public_key(key.public_key()),
                            critical=False)
         )
+        if issuer:  # as public CAs do; strict verifiers (cryptography's) require it
+            builder = builder.add_extension(_authority_key_id(signer_key), critical=False)
         cert = builder.sign(signer_key, _sign_alg(signer_key))
         return cls(name, key, cert)
 
@@ -169,6 +175,7 @@ class CA:
             .add_extension(x509.BasicConstraints(ca=is_ca, path_length=None), critical=True)
             .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH]),
                            critical=False)
+            .add_extension(_authority_key_id(signer.key), critical=False)
         )
         if san and names:
             builder = builder.add_extension(

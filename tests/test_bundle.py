@@ -100,13 +100,14 @@ def test_ca_certificate_as_leaf_is_rejected(ca: CA) -> None:
 
 
 def test_certificate_without_dns_names_is_rejected(ca: CA) -> None:
-    bad = ca.issue([], common_name="not a hostname")
+    bad = ca.issue(["not a hostname"])
     _reject(bad.chain_pem, bad.key_pem, "names no DNS hostname")
 
 
-def test_common_name_is_used_only_without_san(ca: CA) -> None:
+def test_certificate_without_san_is_rejected_and_the_cn_is_never_used(ca: CA) -> None:
     cn_only = ca.issue(["legacy.example.com"], san=False)
-    assert load_bundle(cn_only.chain_pem, cn_only.key_pem).names == ("legacy.example.com",)
+    _reject(cn_only.chain_pem, cn_only.key_pem,
+            "the certificate has no subjectAltName; browsers ignore the CN")
     both = ca.issue(["san.example.com"], common_name="cn.example.com")
     assert load_bundle(both.chain_pem, both.key_pem).names == ("san.example.com",)
 

@@ -14,6 +14,7 @@ import pytest
 import yaml
 
 from tests.certgen import CA
+from tests.support.ports import free_port
 
 PLATFORM = "osc-fr1.scalingo.test"
 
@@ -30,7 +31,9 @@ GOOD: dict[str, Any] = {
     "platform_domain": PLATFORM,
     "tls": {"platform_certificate": {"cert": "platform.crt", "key": "platform.key"},
             "certificates": [{"cert": "shop.crt", "key": "shop.key"}]},
-    "listen": {"https": "127.0.0.1:8443", "http": "127.0.0.1:8080"},
+    # check-config binds every listen address: free ports, so a busy machine passes.
+    "listen": {"https": f"127.0.0.1:{free_port()}", "http": f"127.0.0.1:{free_port()}",
+               "metrics": f"127.0.0.1:{free_port()}"},
     "apps": {"my-app": {"backends": ["127.0.0.1:9000"]}},
     "domains": {"www.shop.test": "my-app"},
 }
@@ -93,6 +96,14 @@ CASES = [
      "tlsedge.yaml: listen.https: expected host:port, got 'nonsense'"),
     ("listen port out of range", _set("listen/http", "127.0.0.1:70000"),
      "tlsedge.yaml: listen.http: expected host:port"),
+    ("buffering temp folder missing", _set("limits", {"temp_dir": "no-such-folder"}),
+     "tlsedge.yaml: limits.temp_dir: not a writable folder ("),
+    ("negative buffer bound", _set("limits", {"max_temp_file": -1}),
+     "tlsedge.yaml: limits.max_temp_file: must not be negative"),
+    ("per-client connection limit of zero", _set("limits", {"connections_per_client": 0}),
+     "tlsedge.yaml: limits.connections_per_client: must be at least 1"),
+    ("buffering switch of the wrong type", _set("apps/my-app/request_buffering", "maybe"),
+     "tlsedge.yaml: apps.my-app.request_buffering: expected bool, got str"),
     ("platform certificate not covering the platform wildcard",
      _set("tls/platform_certificate", {"cert": "other.crt", "key": "other.key"}),
      f"tlsedge.yaml: tls.platform_certificate: certificate does not cover *.{PLATFORM} "

@@ -111,7 +111,8 @@ def test_dashboard_login_statuses_upload_and_validation_error(
         wait_for(browser, lambda d: d.current_url == base + "/domains"
                  and row(d, "broken.example"))
 
-        expected = {"www.pending.example": ("Pending DNS", "s-pending_dns", "Platform"),
+        # This node has no acme: section: a domain waiting for one says so.
+        expected = {"www.pending.example": ("ACME off", "s-acme_off", "Platform"),
                     "creating.example": ("Creating", "s-creating", "Platform"),
                     "www.inuse.example": ("In use", "s-in_use", "Let's Encrypt"),
                     "notused.example": ("Not used", "s-not_used", "Custom"),
@@ -174,3 +175,85 @@ def test_dashboard_login_statuses_upload_and_validation_error(
                  and cell(d, "shop.example", "in_use") == "Custom")
         browser.set_window_size(1280, 1100)
         assert browser.save_screenshot(str(ARTIFACTS / "dashboard.png"))
+
+
+def test_live_refresh_fills_certificate_cards_and_words_expiry_and_ca_errors(
+        tmp_path: Path, ca: CA, backend: Backend, browser: WebDriver) -> None:
+    """Issue #19: the Let's Encrypt card fills in without a reload once a certificate
+    is issued; an expired certificate reads "expired N days ago"; an Error status
+    shows the CA's problem in words, with its raw URN kept under "CA's answer"."""
+    letsencrypt = CA.new("Test Let's Encrypt R12")
+    now = time.time()
+    expired = letsencrypt.issue(["expired.example"], not_before=now - 90 * 86400,
+                                not_after=now - 3 * 86400 - 3600)
+    fresh = letsencrypt.issue(["fresh.example"], not_after=now + 61 * 86400)
+    urn_error = ("order for failing.example failed: urn:ietf:params:acme:error:dns: "
+                 "DNS problem: NXDOMAIN looking up A for failing.example")
+
+    async def fill(registry: Any) -> None:
+        for name in ("fresh.example", "expired.example", "failing.example"):
+            await registry.add_domain(name, "my-app")
+        await registry.store_acme_certificate("expired.example", load_bundle(
+            expired.chain_pem, expired.key_pem, domain="expired.example", check_time=False))
+
+    async def issue_fresh(registry: Any) -> None:
+        await registry.store_acme_certificate("fresh.example", load_bundle(
+            fresh.chain_pem, fresh.key_pem, domain="fresh.example"))
+        await registry.set_status("fresh.example", state="issued",
+                                  message="certificate issued")
+
+    def acme_card(d: WebDriver) -> str:
+        """The text shown in the domain page's "Let's Encrypt certificate" card."""
+        text: str = d.find_element(By.XPATH, "//div[contains(@class, 'card')]"
+                                   "[h2[contains(., 'Encrypt certificate')]]").text
+        return text
+
+    def polled(d: WebDriver) -> str:
+        value: str = d.find_element(By.TAG_NAME, "body").get_attribute("data-polled") or ""
+        return value
+
+    with Edge(tmp_path, edge_settings(tmp_path, ca, backend), admin=True) as edge:
+        in_store(edge, fill)
+        base = f"http://127.0.0.1:{edge.admin_port}"
+        browser.get(base + "/login")
+        browser.find_element(By.ID, "token").send_keys(admin_token(edge))
+        browser.find_element(By.ID, "login").click()
+        wait_for(browser, lambda d: d.current_url == base + "/domains")
+
+        # An expired certificate, as the page is served and as the script rewrites it.
+        browser.get(base + "/domains/expired.example")
+        day = time.strftime("%Y-%m-%d", time.gmtime(now - 3 * 86400 - 3600))
+        assert f"Expires\n{day} · expired 3 days ago" in acme_card(browser)
+        wait_for(browser, lambda d: polled(d) != "")
+        assert f"Expires\n{day} · expired 3 days ago" in acme_card(browser)
+
+        # The Let's Encrypt card fills in as soon as the certificate is issued.
+        browser.get(base + "/domains/fresh.example")
+        assert "None." in acme_card(browser)
+        browser.execute_script("window.__sameDocument = true;")
+        in_store(edge, issue_fresh)
+        wait_for(browser, lambda d: fresh.fingerprint in acme_card(d), 15)
+        shown = acme_card(browser)
+        assert "None." not in shown and "serving" in shown
+        assert "Names\nfresh.example" in shown and "Test Let's Encrypt R12" in shown
+        assert "· in 60 days" in shown
+        assert browser.find_element(By.ID, "in-use").text == "Let's Encrypt"
+        assert browser.execute_script("return window.__sameDocument === true;")
+
+        # A CA error in words, live in the table and then as served; the URN kept.
+        browser.get(base + "/domains")
+        browser.execute_script("window.__sameDocument = true;")
+        in_store(edge, lambda r: r.set_status("failing.example", state="error",
+                                              message="order failed; retrying soon",
+                                              last_error=urn_error))
+        for reloaded in (False, True):
+            wait_for(browser, lambda d: cell(d, "failing.example", "status") == "Error", 15)
+            message = cell(browser, "failing.example", "message")
+            assert message.startswith("The CA could not find the domain in DNS"), message
+            assert "urn:" not in message
+            assert cell(browser, "failing.example", "detail") == "order failed; retrying soon"
+            row(browser, "failing.example").find_element(By.TAG_NAME, "summary").click()
+            assert cell(browser, "failing.example", "raw") == urn_error
+            assert browser.execute_script("return window.__sameDocument === true;") \
+                is not reloaded
+            browser.refresh()

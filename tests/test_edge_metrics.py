@@ -135,18 +135,19 @@ def test_domain_counts_follow_store_changes_and_expiry_is_scraped(
             await registry.set_status("held.example", state="issued")
 
         in_store(edge, fill)
+        # No acme: section, so the two waiting for a certificate are "ACME off".
         assert eventually(lambda: edge.metric("tlsedge_domains", in_use="platform",
-                                              status="pending_dns") == 2)
+                                              status="acme_off") == 2)
         assert edge.metric("tlsedge_domains", in_use="letsencrypt", status="in_use") == 1
         expiry = edge.metric("tlsedge_certificate_expiry_timestamp_seconds",
                              name="held.example", source="acme")
         assert abs(expiry - issued.cert.not_valid_after_utc.timestamp()) < 1
 
         # A status change alone moves a domain from one count to another.
-        in_store(edge, lambda r: r.set_status("b.example", state="creating"))
+        in_store(edge, lambda r: r.set_status("b.example", state="error"))
         assert eventually(lambda: edge.metric("tlsedge_domains", in_use="platform",
-                                              status="creating") == 1)
-        assert edge.metric("tlsedge_domains", in_use="platform", status="pending_dns") == 1
+                                              status="error") == 1)
+        assert edge.metric("tlsedge_domains", in_use="platform", status="acme_off") == 1
         in_store(edge, lambda r: r.remove_domain("held.example"))
         assert eventually(lambda: edge.metric("tlsedge_domains", in_use="letsencrypt",
                                               status="in_use") == 0)

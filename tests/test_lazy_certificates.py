@@ -205,8 +205,9 @@ def test_a_connection_that_sends_no_hello_is_closed_at_the_handshake_timeout(
 
 def test_within_the_limit_every_certificate_is_read_after_the_listeners_serve(
         tmp_path: Path, ca: CA, backend: Backend) -> None:
-    """Start-up waits for names and routes only; the worker then reads every
-    certificate in the background (no first-use read needed afterwards)."""
+    """Start-up waits for names and routes only; the worker then takes every
+    certificate from the supervisor's snapshot in the background (no first-use read
+    needed afterwards, none of its own from the store)."""
     settings = edge_settings(tmp_path, ca, backend)
     edge = Edge(tmp_path, settings, start=False)
     issued = {name: ca.issue([name]) for name in NAMES}
@@ -224,4 +225,4 @@ def test_within_the_limit_every_certificate_is_read_after_the_listeners_serve(
         for name in NAMES:
             assert edge.fingerprint(name) == issued[name].fingerprint
         assert edge.metric("tlsedge_store_certificate_loads_total") == 0
-        assert "read 5 certificates in advance" in edge.log()
+        assert "5 certificates from the supervisor's snapshot" in edge.log()

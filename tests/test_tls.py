@@ -1,9 +1,9 @@
-"""The TLS profile: base/server contexts, and openssl.cnf restricting key-exchange groups."""
+"""The TLS policy: base/server contexts with the configured versions, ciphers and
+key-exchange groups, and openssl.cnf restricting the groups of every other context."""
 
 from __future__ import annotations
 
 import os
-import shutil
 import ssl
 import subprocess
 import sys
@@ -26,10 +26,15 @@ from tests.certgen import CA, Issued
 ROOT = Path(__file__).resolve().parent.parent
 
 SERVER = """
-import socket, sys
+import socket, ssl, sys
 from proxy.certs.tls import TlsSettings, server_context
-ctx = server_context(open(sys.argv[1], 'rb').read(), open(sys.argv[2], 'rb').read(),
-                     TlsSettings())
+cert, key, groups = sys.argv[1:4]
+if groups == 'plain':  # a context of no policy of ours: OpenSSL's defaults and config
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    ctx.load_cert_chain(cert, key)
+else:
+    ctx = server_context(open(cert, 'rb').read(), open(key, 'rb').read(),
+                         TlsSettings(groups=tuple(groups.split(':'))))
 listener = socket.create_server(('127.0.0.1', 0))
 print(listener.getsockname()[1], flush=True)
 while True:
@@ -87,13 +92,14 @@ def test_server_context_refusal_is_a_bundle_error_without_key_material(issued: I
 
 
 @contextmanager
-def _server(issued: Issued, tmp: Path, conf: str | None) -> Iterator[int]:
+def _server(issued: Issued, tmp: Path, conf: str | None,
+            groups: str = "plain") -> Iterator[int]:
     cert, key = issued.write(tmp, "srv")
     env = {k: v for k, v in os.environ.items() if k != "OPENSSL_CONF"}
     env["PYTHONPATH"] = str(ROOT)
     if conf:
         env["OPENSSL_CONF"] = conf
-    proc = subprocess.Popen([sys.executable, "-c", SERVER, cert, key], env=env,
+    proc = subprocess.Popen([sys.executable, "-c", SERVER, cert, key, groups], env=env,
                             stdout=subprocess.PIPE, text=True)
     try:
         assert proc.stdout is not None
@@ -113,11 +119,38 @@ def _s_client(port: int, group: str) -> bool:
     return b"Server public key" in done.stdout and b"Cipher is (NONE)" not in done.stdout
 
 
-@pytest.mark.skipif(shutil.which("openssl") is None, reason="needs the openssl CLI")
-def test_openssl_conf_restricts_key_exchange_groups(issued: Issued, tmp_path: Path) -> None:
+def test_openssl_conf_restricts_the_groups_of_contexts_without_our_policy(
+        issued: Issued, tmp_path: Path) -> None:
     with _server(issued, tmp_path, None) as port:
         assert _s_client(port, "X448"), "without the conf X448 should be accepted"
     with _server(issued, tmp_path, openssl_conf_path()) as port:
         assert not _s_client(port, "X448")
         assert _s_client(port, "X25519")
         assert _s_client(port, "P-256")
+
+
+def test_server_context_offers_exactly_its_configured_groups_whatever_the_conf(
+        issued: Issued, tmp_path: Path) -> None:
+    """tls.groups reach OpenSSL per context (Python 3.11 has no API for it): without
+    OPENSSL_CONF the defaults still hold, and a configured list replaces them."""
+    with _server(issued, tmp_path, None, "X25519:P-256:P-384") as port:
+        assert not _s_client(port, "X448")
+        assert _s_client(port, "X25519") and _s_client(port, "P-384")
+    with _server(issued, tmp_path, openssl_conf_path(), "X448:P-521") as port:
+        assert _s_client(port, "X448") and _s_client(port, "P-521")
+        assert not _s_client(port, "X25519")
+        assert not _s_client(port, "P-256")
+
+
+def test_unknown_group_is_refused_by_openssl_with_a_clear_error() -> None:
+    with pytest.raises(ValueError, match="OpenSSL refused the key-exchange groups X999"):
+        base_context(TlsSettings(groups=("X999",)))
+
+
+def test_versions_and_ciphers_come_from_the_settings() -> None:
+    ctx = base_context(TlsSettings(min_version=ssl.TLSVersion.TLSv1_3,
+                                   max_version=ssl.TLSVersion.TLSv1_3,
+                                   ciphers="ECDHE-RSA-AES256-GCM-SHA384"))
+    assert ctx.minimum_version == ctx.maximum_version == ssl.TLSVersion.TLSv1_3
+    tls12 = {c["name"] for c in ctx.get_ciphers() if c["protocol"] == "TLSv1.2"}
+    assert tls12 == {"ECDHE-RSA-AES256-GCM-SHA384"}

@@ -17,9 +17,12 @@ from collections import OrderedDict, deque
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from proxy.admin.wire import HttpError, Request
-from proxy.certs.csr import write_atomic
+from aiohttp import web
+
+from proxy.admin.httperror import HttpError
+from proxy.atomicfile import write_atomic
 from proxy.errors import ConfigError
+from proxy.names import unmapped_ip
 
 log = logging.getLogger("tlsedge.admin")
 
@@ -56,6 +59,13 @@ def load_or_create_token(path: str) -> tuple[str, bool]:
         raise ConfigError(f"admin.token_file: {path} must hold one token of at least "
                           f"{MIN_TOKEN_LENGTH} characters without spaces")
     return token, False
+
+
+def client_address(request: web.BaseRequest) -> str:
+    """The peer's address: what the login limit counts (never a forwarded header), as
+    the data plane's limits know it (an IPv4 client of a dual-stack listener by its
+    IPv4 address)."""
+    return unmapped_ip(request.remote) if request.remote else "-"
 
 
 @dataclass(slots=True)
@@ -100,8 +110,9 @@ class Sessions:
 class LoginLimiter:
     """At most `attempts` failed logins per client address in a sliding `window`.
 
-    Counts failures only; a blocked address is refused before its token is even
-    compared. The table of addresses is bounded, so a flood of sources cannot grow it.
+    Counts failures only, and limits only them: the right token always gets in, so
+    a process guessing from the operator's address cannot lock the operator out. The
+    table of addresses is bounded, so a flood of sources cannot grow it.
     """
 
     def __init__(self, attempts: int = 5, window: float = 60.0, *, max_clients: int = 10_000,
@@ -145,26 +156,32 @@ class Auth:
         return hmac.compare_digest(hashlib.sha256(presented.encode()).digest(), self._digest)
 
     def check_token(self, client: str, presented: str) -> None:
-        """Accept `presented` or raise 401; an address with too many failures gets 429
-        without its token being looked at."""
+        """Accept the right token, whatever came before from `client`; else 401, or 429
+        once `client` has too many recent failures.
+
+        The token is compared first, in constant time: the answer to a wrong token
+        (401 or 429) says nothing about it. A wrong token while limited still counts,
+        so an address that keeps guessing stays limited.
+        """
+        if self.token_ok(presented):
+            return
         wait = self.limiter.retry_after(client)
+        self.limiter.failed(client)
         if wait > 0:
             seconds = int(wait) + 1
             raise HttpError(429, f"too many failed logins from {client}; try again in "
                             f"{seconds} s", headers=[("Retry-After", str(seconds))])
-        if not self.token_ok(presented):
-            self.limiter.failed(client)
-            log.warning("admin: wrong token from %s", client)
-            raise HttpError(401, "wrong admin token")
+        log.warning("admin: wrong token from %s", client)  # not per 429: a flood stays quiet
+        raise HttpError(401, "wrong admin token")
 
-    def authenticate(self, request: Request) -> Session | None:
+    def authenticate(self, request: web.BaseRequest) -> Session | None:
         """The request's dashboard session, or None for a valid bearer token; else 401."""
-        header = request.header("authorization")
+        header = request.headers.get("Authorization", "")
         if header:
             scheme, _, presented = header.partition(" ")
             if scheme.lower() != "bearer" or not presented.strip():
                 raise HttpError(401, "use Authorization: Bearer <token>")
-            self.check_token(request.client, presented.strip())
+            self.check_token(client_address(request), presented.strip())
             return None
         session = self.sessions.get(request.cookies.get(SESSION_COOKIE, ""))
         if session is None:

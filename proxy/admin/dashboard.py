@@ -1,8 +1,9 @@
 """The dashboard's routes: log in and out, the domains table, one domain's page and its
-forms (add, upload a custom certificate, remove), each form checked against the
-session's CSRF token before anything changes.
+forms (add, upload a custom certificate, retry Let's Encrypt now, remove), each form
+checked against the session's CSRF token before anything changes.
 
-Rules and error words come from proxy.registry (the CLI's); the HTML from pages.py.
+Rules and error words come from proxy.registry (the CLI's); the HTML from pages.py
+(jinja2 templates); bodies from bodies.py.
 """
 
 from __future__ import annotations
@@ -13,10 +14,12 @@ import time
 from collections.abc import Callable
 from urllib.parse import quote, unquote
 
-from proxy import names
-from proxy.admin import forms, pages
-from proxy.admin.auth import LOGIN_COOKIE, SESSION_COOKIE, Auth, Session
-from proxy.admin.wire import HttpError, Request, Response
+from aiohttp import web
+
+from proxy import listing, names
+from proxy.admin import bodies, pages
+from proxy.admin.auth import LOGIN_COOKIE, SESSION_COOKIE, Auth, Session, client_address
+from proxy.admin.httperror import HttpError
 from proxy.errors import BundleError, InvalidName, RegistryError
 from proxy.registry import Registry
 
@@ -31,18 +34,19 @@ DONE = {
     "certificate": "Custom certificate validated: it is now in use.",
     "certificate-removed": "Custom certificate removed; Let's Encrypt takes over.",
     "removed": "Domain removed.",
+    "retried": "Retry requested: Let's Encrypt is asked again now.",
     "reloaded": "Configuration and platform certificates reloaded.",
 }
 
 
 def html_response(status: int, body: str, headers: list[tuple[str, str]] | None = None
-                  ) -> Response:
-    return Response(status, body.encode(), "text/html; charset=utf-8", headers or [])
+                  ) -> web.Response:
+    return web.Response(status=status, text=body, content_type="text/html",
+                        headers=headers or [])
 
 
-def redirect(location: str, headers: list[tuple[str, str]] | None = None) -> Response:
-    return Response(303, b"", "text/plain; charset=utf-8",
-                    [("Location", location), *(headers or [])])
+def redirect(location: str) -> web.Response:
+    return web.Response(status=303, text="", headers={"Location": location})
 
 
 def domain_path(name: str) -> str:
@@ -60,18 +64,20 @@ class Dashboard:
         self.secure = secure
         self.clock = clock
 
-    def cookie(self, name: str, value: str, *, max_age: int, path: str = "/"
-               ) -> tuple[str, str]:
-        attrs = f"{name}={value}; Path={path}; Max-Age={max_age}; HttpOnly; SameSite=Strict"
-        return ("Set-Cookie", attrs + ("; Secure" if self.secure else ""))
+    def cookie(self, response: web.Response, name: str, value: str, *, max_age: int,
+               path: str = "/") -> web.Response:
+        """Set a cookie only this origin's pages send back (Secure over TLS)."""
+        response.set_cookie(name, value, max_age=max_age, path=path, httponly=True,
+                            samesite="Strict", secure=self.secure)
+        return response
 
-    async def route(self, request: Request, nonce: str) -> Response:
-        parts = [unquote(p) for p in request.path.strip("/").split("/")]
+    async def route(self, request: web.Request, nonce: str) -> web.Response:
+        parts = [unquote(p) for p in request.rel_url.raw_path.strip("/").split("/")]
         method = "GET" if request.method == "HEAD" else request.method
         if parts == ["login"] and method == "GET":
             return self._login_form(request, nonce)
         if parts == ["login"] and method == "POST":
-            return self._login(request, nonce)
+            return await self._login(request, nonce)
         if parts == ["favicon.ico"]:
             raise HttpError(404, "no icon")
         session = self.auth.authenticate(request)
@@ -81,7 +87,9 @@ class Dashboard:
             case [""], "GET":
                 return redirect("/domains")
             case ["domains"], "GET":
-                return await self._domains(registry, nonce, csrf,
+                query = listing.Query.parse({k: v for k, v in request.query.items()
+                                             if k != "done"})
+                return await self._domains(registry, nonce, csrf, query=query,
                                            ok=DONE.get(request.query.get("done", "")))
             case ["domains"], "POST":
                 return await self._add(registry, request, session, nonce)
@@ -93,31 +101,40 @@ class Dashboard:
             case ["domains", raw, "certificate"], "POST":
                 name = await self._existing(registry, raw)
                 return await self._upload(registry, request, session, name, nonce)
-            case ["domains", raw, "certificate", "delete"], "POST":
+            case (["domains", raw, "certificate" as action, "delete"]
+                  | ["domains", raw, ("retry" | "delete") as action]), "POST":
                 name = await self._existing(registry, raw)
-                self._form_csrf(session, forms.form_fields(request))
-                await registry.remove_custom_certificate(name)
-                log.info("admin: custom certificate of %s removed", name)
-                return redirect(domain_path(name) + "?done=certificate-removed")
-            case ["domains", raw, "delete"], "POST":
-                name = await self._existing(registry, raw)
-                self._form_csrf(session, forms.form_fields(request))
-                await registry.remove_domain(name)
-                log.info("admin: domain %s removed", name)
-                return redirect("/domains?done=removed")
+                self._form_csrf(session, await bodies.form_fields(request))
+                return await self._change(registry, name, action)
             case ["reload"], "POST":
-                self._form_csrf(session, forms.form_fields(request))
+                self._form_csrf(session, await bodies.form_fields(request))
                 refused = self.reload()
                 if refused is not None:
                     return await self._domains(registry, nonce, csrf,
                                                error=f"reload refused: {refused}", status=409)
                 return redirect("/domains?done=reloaded")
             case ["logout"], "POST":
-                self._form_csrf(session, forms.form_fields(request))
+                self._form_csrf(session, await bodies.form_fields(request))
                 if session is not None:
                     self.auth.sessions.drop(session.id)
-                return redirect("/login", [self.cookie(SESSION_COOKIE, "", max_age=0)])
+                return self.cookie(redirect("/login"), SESSION_COOKIE, "", max_age=0)
         raise HttpError(404, f"no page at {request.path}")
+
+    @staticmethod
+    async def _change(registry: Registry, name: str, action: str) -> web.Response:
+        """A button of the domain page (CSRF checked): remove the custom certificate,
+        retry Let's Encrypt now, or remove the domain."""
+        if action == "certificate":
+            await registry.remove_custom_certificate(name)
+            log.info("admin: custom certificate of %s removed", name)
+            return redirect(domain_path(name) + "?done=certificate-removed")
+        if action == "retry":
+            await registry.retry(name)
+            log.info("admin: retry of %s requested", name)
+            return redirect(domain_path(name) + "?done=retried")
+        await registry.remove_domain(name)
+        log.info("admin: domain %s removed", name)
+        return redirect("/domains?done=removed")
 
     @staticmethod
     def _form_csrf(session: Session | None, fields: dict[str, str]) -> None:
@@ -128,7 +145,7 @@ class Dashboard:
     @staticmethod
     async def _existing(registry: Registry, raw: str) -> str:
         try:
-            name = names.normalize(raw)
+            name = names.normalize(raw, allow_wildcard=True)  # `*.shop.example.com` too
         except InvalidName as exc:
             raise HttpError(404, str(exc)) from None
         if await registry.domain(name) is None:
@@ -137,14 +154,21 @@ class Dashboard:
 
     async def _domains(self, registry: Registry, nonce: str, csrf: str, *,
                        error: str | None = None, ok: str | None = None,
-                       status: int = 200) -> Response:
-        body = pages.domains_page(await registry.views(), await registry.apps(), nonce=nonce,
-                                  csrf=csrf, now=self.clock(), error=error, ok=ok)
+                       status: int = 200, query: listing.Query | None = None
+                       ) -> web.Response:
+        """One page of the domains (listing.py: a search by name prefix and a status
+        filter, a link to the next page), with the node's counts by status."""
+        query = query or listing.Query()
+        found = await listing.page(registry, query)
+        counts = registry.index.status_counts() if registry.index is not None else None
+        body = pages.domains_page(found.views, await registry.apps(), nonce=nonce,
+                                  csrf=csrf, now=self.clock(), error=error, ok=ok,
+                                  query=query, next_after=found.next, counts=counts)
         return html_response(status, body)
 
-    async def _add(self, registry: Registry, request: Request, session: Session | None,
-                   nonce: str) -> Response:
-        fields = forms.form_fields(request)
+    async def _add(self, registry: Registry, request: web.Request, session: Session | None,
+                   nonce: str) -> web.Response:
+        fields = await bodies.form_fields(request)
         self._form_csrf(session, fields)
         try:
             view = await registry.add_domain(fields.get("name", ""), fields.get("app", ""))
@@ -154,16 +178,16 @@ class Dashboard:
         log.info("admin: domain %s added to %s", view.name, view.app)
         return redirect(domain_path(view.name) + "?done=added")
 
-    async def _upload(self, registry: Registry, request: Request, session: Session | None,
-                      name: str, nonce: str) -> Response:
+    async def _upload(self, registry: Registry, request: web.Request,
+                      session: Session | None, name: str, nonce: str) -> web.Response:
         """Validate and store an uploaded pair; errors are shown next to the form, in the
         registry's words (the same the CLI prints)."""
         try:
-            parts = forms.multipart(request)
+            parts = await bodies.multipart(request)
             csrf = parts.get("csrf")
             self._form_csrf(session, {"csrf": csrf.data.decode("utf-8", "replace")}
                             if csrf is not None else {})
-            chain, key = forms.pem_pair(parts)
+            chain, key = bodies.pem_pair(parts)
             await registry.set_custom_certificate(name, chain, key)
         except (RegistryError, BundleError) as exc:
             error, status = str(exc), 400
@@ -180,36 +204,36 @@ class Dashboard:
         return html_response(status, body)
 
     # -- login ------------------------------------------------------------------------
-    def _login_form(self, request: Request, nonce: str, *, error: str | None = None,
-                    status: int = 200) -> Response:
+    def _login_form(self, request: web.Request, nonce: str, *, error: str | None = None,
+                    status: int = 200) -> web.Response:
         if status == 200 and self.auth.sessions.get(request.cookies.get(SESSION_COOKIE, "")):
             return redirect("/domains")
         # Double-submit token: the form and a cookie only this origin can set must agree.
         login_csrf = secrets.token_urlsafe(24)
-        return html_response(status, pages.login_page(nonce=nonce, login_csrf=login_csrf,
-                                                      error=error),
-                             [self.cookie(LOGIN_COOKIE, login_csrf, max_age=3600,
-                                          path="/login")])
+        page = html_response(status, pages.login_page(nonce=nonce, login_csrf=login_csrf,
+                                                      error=error))
+        return self.cookie(page, LOGIN_COOKIE, login_csrf, max_age=3600, path="/login")
 
-    def _login(self, request: Request, nonce: str) -> Response:
-        fields = forms.form_fields(request)
+    async def _login(self, request: web.Request, nonce: str) -> web.Response:
+        fields = await bodies.form_fields(request)
         expected = request.cookies.get(LOGIN_COOKIE, "")
         if not expected or not secrets.compare_digest(fields.get("csrf", ""), expected):
             return self._login_form(request, nonce, status=403,
                                     error="The login form expired; try again.")
+        client = client_address(request)
         try:
-            self.auth.check_token(request.client, fields.get("token", "").strip())
+            self.auth.check_token(client, fields.get("token", "").strip())
         except HttpError as exc:
             if exc.status != 401:
                 raise
             return self._login_form(request, nonce, status=401, error="Wrong admin token.")
         session = self.auth.sessions.create()
-        log.info("admin: dashboard login from %s", request.client)
-        return redirect("/domains", [
-            self.cookie(SESSION_COOKIE, session.id, max_age=int(self.auth.sessions.ttl)),
-            self.cookie(LOGIN_COOKIE, "", max_age=0, path="/login")])
+        log.info("admin: dashboard login from %s", client)
+        response = self.cookie(redirect("/domains"), SESSION_COOKIE, session.id,
+                               max_age=int(self.auth.sessions.ttl))
+        return self.cookie(response, LOGIN_COOKIE, "", max_age=0, path="/login")
 
-    def error_page(self, exc: HttpError, nonce: str, request: Request) -> Response:
+    def error_page(self, exc: HttpError, nonce: str, request: web.Request) -> web.Response:
         if exc.status == 401 and request.method in ("GET", "HEAD"):
             return redirect("/login")
         if exc.status == 429 and request.path == "/login":

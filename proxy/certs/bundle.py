@@ -18,8 +18,9 @@ from cryptography import x509
 from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
-from cryptography.x509.oid import ExtensionOID, NameOID
+from cryptography.x509.oid import ExtensionOID
 
+from proxy.certs.csr import private_key_pem
 from proxy.errors import BundleError, InvalidName
 from proxy.names import covers as _covers
 from proxy.names import normalize
@@ -40,7 +41,7 @@ class CertBundle:
     """A certificate chain + key that passed `load_bundle` (or was stored after it did).
 
     chain_pem is leaf first then intermediates, "\\n" line ends; key_pem is PKCS8.
-    names are normalised SAN DNS names in certificate order (the CN only without SAN).
+    names are normalised SAN DNS names in certificate order.
     """
 
     chain_pem: bytes
@@ -89,9 +90,9 @@ def load_bundle(chain: bytes, key: bytes, *, domain: str | None = None,
     """Parse and validate a PEM chain and key; raise BundleError with one clear line.
 
     The chain is reordered leaf -> issuer -> ... with duplicates dropped; it must be
-    one path. The leaf must be a serving (non-CA) certificate with at least one DNS
-    name, match the key, cover `domain` when given and be valid at `now` (when
-    check_time). Keys: RSA >= 2048 or ECDSA P-256/P-384, unencrypted.
+    one path. The leaf must be a serving (non-CA) certificate with a subjectAltName
+    holding at least one DNS name, match the key, cover `domain` when given and be
+    valid at `now` (when check_time). Keys: RSA >= 2048 or ECDSA P-256/P-384, unencrypted.
     """
     certs = _parse_chain(chain)
     private_key = _parse_key(key)
@@ -104,7 +105,8 @@ def load_bundle(chain: bytes, key: bytes, *, domain: str | None = None,
     leaf = ordered[0]
     if _is_ca(leaf):
         raise BundleError(f"certificate for {_subject(leaf)} is a CA certificate (CA:TRUE), "
-                          "not a server certificate")
+                          "not a server certificate: have your CA sign a CSR from "
+                          "`tlsedge csr NAME...` (basicConstraints CA:FALSE)")
     names = _dns_names(leaf)
     if domain is not None:
         wanted = normalize(domain, allow_wildcard=True)
@@ -119,9 +121,7 @@ def load_bundle(chain: bytes, key: bytes, *, domain: str | None = None,
         if at < not_before:
             raise BundleError(f"certificate is not valid before {_when(not_before)}")
     chain_pem = b"".join(c.public_bytes(serialization.Encoding.PEM) for c in ordered)
-    key_pem = private_key.private_bytes(serialization.Encoding.PEM,
-                                        serialization.PrivateFormat.PKCS8,
-                                        serialization.NoEncryption())
+    key_pem = private_key_pem(private_key)
     return CertBundle(chain_pem, key_pem, names, names[0], not_before, not_after,
                       leaf.fingerprint(hashes.SHA256()).hex(), leaf.issuer.rfc4514_string(),
                       key_type)
@@ -276,9 +276,12 @@ def _is_ca(cert: x509.Certificate) -> bool:
 def _dns_names(cert: x509.Certificate) -> tuple[str, ...]:
     try:
         san = cert.extensions.get_extension_for_oid(ExtensionOID.SUBJECT_ALTERNATIVE_NAME)
-        raw = san.value.get_values_for_type(x509.DNSName)  # type: ignore[attr-defined]
     except x509.ExtensionNotFound:
-        raw = [str(a.value) for a in cert.subject.get_attributes_for_oid(NameOID.COMMON_NAME)]
+        # Browsers stopped reading the CN (Chrome 58, 2017): such a certificate would be
+        # served and refused by every client.
+        raise BundleError("the certificate has no subjectAltName; browsers ignore the CN "
+                          "(reissue it with the names in the subjectAltName)") from None
+    raw = san.value.get_values_for_type(x509.DNSName)  # type: ignore[attr-defined]
     names: list[str] = []
     for value in raw:
         try:

@@ -11,10 +11,23 @@ answered NOT_HELLO and handed to OpenSSL unchanged, which refuses it properly.
 
 from __future__ import annotations
 
-__all__ = ["MORE", "NOT_HELLO", "server_name"]
+import enum
+from typing import Final, Literal
 
-MORE = "more"  # not enough bytes yet
-NOT_HELLO = "not-hello"  # not a ClientHello we can read: let OpenSSL answer
+__all__ = ["MORE", "NOT_HELLO", "Unread", "server_name"]
+
+
+class Unread(enum.Enum):
+    """Why `server_name` has no answer yet. Enum members, not strings: a ClientHello
+    may name any host, `more` and `not-hello` included, and must not be mistaken for
+    one of these."""
+
+    MORE = "need more bytes"
+    NOT_HELLO = "not a ClientHello we can read"
+
+
+MORE: Final = Unread.MORE  # not enough bytes yet
+NOT_HELLO: Final = Unread.NOT_HELLO  # not a ClientHello we can read: let OpenSSL answer
 
 _HANDSHAKE = 22
 _CLIENT_HELLO = 1
@@ -25,9 +38,9 @@ _HOST_NAME = 0
 MAX_HELLO = 16384
 
 
-def server_name(data: bytes | bytearray) -> str | None:
+def server_name(data: bytes | bytearray) -> str | Unread | None:
     """The SNI host name (lower-case ASCII), None when the hello carries none, MORE
-    when `data` ends before the ClientHello does, or NOT_HELLO."""
+    when `data` ends before the ClientHello does, or NOT_HELLO (compare with `is`)."""
     hello = _handshake_message(data)
     if hello is None:
         return MORE
@@ -68,7 +81,7 @@ def _handshake_message(data: bytes | bytearray) -> bytes | None:
             return b""
 
 
-def _sni(hello: bytes) -> str | None:
+def _sni(hello: bytes) -> str | Literal[Unread.NOT_HELLO] | None:
     at = 2 + 32  # legacy_version, random
     at += 1 + hello[at]  # legacy_session_id
     at += 2 + ((hello[at] << 8) | hello[at + 1])  # cipher_suites
@@ -91,7 +104,7 @@ def _sni(hello: bytes) -> str | None:
     return None
 
 
-def _host_name(ext: bytes) -> str | None:
+def _host_name(ext: bytes) -> str | Literal[Unread.NOT_HELLO] | None:
     listed = (ext[0] << 8) | ext[1]
     at, end = 2, min(2 + listed, len(ext))
     while at + 3 <= end:

@@ -2,10 +2,20 @@
 one-label wildcard, then default), a bounded LRU of SSLContexts, and the selector a
 listener's SNI callback runs. The callback never does I/O, never raises, and never
 parses PEM for a cached certificate.
+
+One intended departure from "snapshots, not mutation": a store domain's entry is a
+mutable slot (sync.DomainSlot) inside the otherwise immutable table. Which names the
+table maps, and to which entry, never changes (a domain added or removed makes a new
+table); what a slot serves does, in place, on the worker's loop between handshakes,
+when its certificate is loaded, replaced, expires or is unloaded. At a million domains
+a certificate event then costs one slot's update instead of a new table, and a
+certificate read on a name's first handshake needs no table swap; the price is that
+a table is a snapshot of names and routes, not of certificates.
 """
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import ssl
 import sys
@@ -39,9 +49,14 @@ class CertEntry:
     A subclass may hold its certificate in another form and make `bundle` build it on
     demand (sync's store entries do: 100,000 of them must not each hold a parsed
     bundle); `bundle` is then only read when a context is built, or off the hot path.
+
+    `context_key` identifies what a context is built from, the whole chain and the
+    key (bytes, compared by the context cache): the leaf's fingerprint alone is not
+    enough, as the same leaf re-uploaded with its intermediate must be served with it.
     """
 
-    __slots__ = ("_bundle", "fingerprint", "not_after", "not_before", "source")
+    __slots__ = ("_bundle", "context_key", "fingerprint", "not_after", "not_before",
+                 "source")
 
     # False only for a store domain whose certificate is not in memory yet (see
     # sync.DomainSlot): its `fingerprint` is "" until the listener has it loaded.
@@ -51,6 +66,7 @@ class CertEntry:
         if source not in SOURCES:
             raise ValueError(f"unknown certificate source {source!r}")
         self._bundle = bundle
+        self.context_key = _content_key(bundle.chain_pem, bundle.key_pem)
         self.fingerprint = bundle.fingerprint
         self.not_before = bundle.not_before
         self.not_after = bundle.not_after
@@ -64,10 +80,19 @@ class CertEntry:
         return f"CertEntry({self.bundle.primary_name!r}, {self.source!r})"
 
 
-class ContextCache:
-    """Bounded LRU fingerprint -> SSLContext, shared across table generations.
+def _content_key(chain_pem: bytes, key_pem: bytes) -> bytes:
+    """A CertEntry's `context_key` from its PEM: a digest of the chain and the key."""
+    digest = hashlib.sha256(len(chain_pem).to_bytes(4, "big"))
+    digest.update(chain_pem)
+    digest.update(key_pem)
+    return digest.digest()
 
-    A swap to a new table keeps every unchanged certificate's context. Memory is
+
+class ContextCache:
+    """Bounded LRU context_key -> SSLContext, shared across table generations.
+
+    A swap to a new table keeps every unchanged certificate's context; a changed
+    chain or key (even under the same leaf) gets a context of its own. Memory is
     bounded by max_size (~19.5 kB per context), not by the number of certificates.
     Not thread-safe: used from the event-loop thread that runs the handshakes.
     """
@@ -79,27 +104,28 @@ class ContextCache:
             raise ValueError("max_size must be at least 1")
         self._settings = settings
         self._max_size = max_size
-        self._contexts: OrderedDict[str, ssl.SSLContext] = OrderedDict()
+        self._contexts: OrderedDict[bytes, ssl.SSLContext] = OrderedDict()
 
     def get(self, entry: CertEntry) -> ssl.SSLContext:
         """The entry's context; builds it on a miss (BundleError if OpenSSL refuses)."""
-        fingerprint = entry.fingerprint
+        key = entry.context_key  # bytes cache their hash: one dict lookup per handshake
         contexts = self._contexts
-        ctx = contexts.get(fingerprint)
+        ctx = contexts.get(key)
         if ctx is not None:
-            contexts.move_to_end(fingerprint)
+            contexts.move_to_end(key)
             return ctx
         bundle = entry.bundle  # a store entry decodes its record here, from memory (~5 us)
-        ctx = server_context(bundle.chain_pem, bundle.key_pem, self._settings)
+        ctx = server_context(bundle.chain_pem, bundle.key_pem, self._settings, bundle.names)
         CONTEXT_BUILDS.inc()
-        contexts[fingerprint] = ctx
+        contexts[key] = ctx
         if len(contexts) > self._max_size:
             contexts.popitem(last=False)
         CONTEXT_CACHE_SIZE.set(len(contexts))
         return ctx
 
-    def __contains__(self, fingerprint: object) -> bool:
-        return fingerprint in self._contexts
+    def __contains__(self, entry: object) -> bool:
+        """Whether `entry` (a CertEntry) has its context built."""
+        return isinstance(entry, CertEntry) and entry.context_key in self._contexts
 
     def __len__(self) -> int:
         return len(self._contexts)

@@ -1,44 +1,170 @@
-"""Server SSLContext factory: the Mozilla intermediate profile, and per-certificate
-contexts loaded from memory (memfd). Never writes a key to disk, never logs or puts
-key material into an error; holds no state between calls.
+"""Server SSLContext factory: the TLS policy (`tls.*`: versions, TLS 1.2 ciphers,
+key-exchange groups; Mozilla intermediate by default), and per-certificate contexts
+loaded from memory (memfd), each knowing the names its certificate covers. Never
+writes a key to disk, never logs or puts key material into an error; holds no state
+between calls (but the libssl handle that sets groups).
 """
 
 from __future__ import annotations
 
+import _ssl
+import ctypes
 import os
 import ssl
+from collections.abc import Callable, Iterable
+from contextvars import ContextVar
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
+from proxy.config import DEFAULT_GROUPS, TLS12_CIPHERS
 from proxy.errors import BundleError
+from proxy.names import NameSet
 
-__all__ = ["TlsSettings", "base_context", "openssl_conf_path", "server_context"]
-
-# Mozilla "intermediate" TLS 1.2 suites, ECDHE only: we ship no dhparams.
-TLS12_CIPHERS = (
-    "ECDHE-ECDSA-AES128-GCM-SHA256:ECDHE-RSA-AES128-GCM-SHA256:"
-    "ECDHE-ECDSA-AES256-GCM-SHA384:ECDHE-RSA-AES256-GCM-SHA384:"
-    "ECDHE-ECDSA-CHACHA20-POLY1305:ECDHE-RSA-CHACHA20-POLY1305"
-)
-
+__all__ = ["TLS12_CIPHERS", "AlertingSSLObject", "CertContext", "TlsSettings", "alert_sink",
+           "base_context", "openssl_conf_path", "server_context", "set_groups"]
 
 @dataclass(frozen=True, slots=True)
 class TlsSettings:
-    """Listener-wide TLS policy, identical for the base and every per-certificate context."""
+    """Listener-wide TLS policy, identical for the base and every per-certificate context
+    (config `tls.*`)."""
 
     num_tickets: int = 2
+    # Offered in this order (ours is the server's preference): the HTTPS listener
+    # offers `tls.alpn` (h2, http/1.1); the admin listener speaks HTTP/1.1 only.
     alpn: tuple[str, ...] = ("http/1.1",)
     min_version: ssl.TLSVersion = ssl.TLSVersion.TLSv1_2
+    max_version: ssl.TLSVersion = ssl.TLSVersion.TLSv1_3
+    ciphers: str = TLS12_CIPHERS
+    groups: tuple[str, ...] = DEFAULT_GROUPS
+
+
+class _Groups:
+    """SSL_CTX_set1_groups_list on a Python SSLContext, through ctypes.
+
+    Python 3.11 has no API for key-exchange groups (set_ecdh_curve sets one curve),
+    and OPENSSL_CONF (our openssl.cnf) is read once per process, before `ssl` is
+    imported, for every context alike: it cannot follow the config or a reload. So
+    each listener context gets its groups here from the libssl Python's `_ssl` is
+    linked with, on the SSL_CTX the context wraps (CPython's PySSLContext starts with
+    that pointer, right after the object header). The pointer is checked once, by
+    reading the context's options through OpenSSL and comparing them with Python's
+    view: a layout that ever differs fails loudly instead of writing anywhere.
+    """
+
+    _SET_GROUPS_LIST = 92  # SSL_CTRL_SET_GROUPS_LIST: SSL_CTX_set1_groups_list is a macro
+
+    def __init__(self) -> None:
+        lib = ctypes.CDLL(_ssl.__file__)  # dlsym also searches its libssl
+        self._ctrl = lib.SSL_CTX_ctrl
+        self._ctrl.argtypes = [ctypes.c_void_p, ctypes.c_int, ctypes.c_long, ctypes.c_char_p]
+        self._ctrl.restype = ctypes.c_long
+        options = lib.SSL_CTX_get_options
+        options.argtypes = [ctypes.c_void_p]
+        options.restype = ctypes.c_uint64
+        probe = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+        probe.options |= ssl.OP_NO_TICKET  # a value the default options do not have
+        if options(self._pointer(probe)) != int(probe.options):
+            raise RuntimeError("cannot reach OpenSSL's SSL_CTX behind ssl.SSLContext in "
+                               "this Python build: tls.groups cannot be applied")
+
+    @staticmethod
+    def _pointer(ctx: ssl.SSLContext) -> int | None:
+        return ctypes.c_void_p.from_address(id(ctx) + object.__basicsize__).value
+
+    def set(self, ctx: ssl.SSLContext, groups: tuple[str, ...]) -> None:
+        if self._ctrl(self._pointer(ctx), self._SET_GROUPS_LIST, 0,
+                      ":".join(groups).encode()) != 1:
+            raise ValueError(f"OpenSSL refused the key-exchange groups {', '.join(groups)}")
+
+
+_groups: _Groups | None = None
+
+
+def set_groups(ctx: ssl.SSLContext, groups: tuple[str, ...]) -> None:
+    """Have `ctx` offer these key-exchange groups, preferred first. Raises ValueError
+    for a group OpenSSL does not know."""
+    global _groups
+    if _groups is None:
+        _groups = _Groups()
+    _groups.set(ctx, groups)
+
+
+class CertContext(ssl.SSLContext):
+    """A context serving one certificate, carrying the names that certificate covers.
+
+    A connection keeps the context its SNI callback chose (`ssl_object.context`) for
+    its whole life, so the names travel with it: which Host names the connection may
+    serve is answered from the certificate it presented, even after the table moved
+    on to another one (replaced, removed, expired) or the context left the LRU.
+    """
+
+    __slots__ = ("names",)
+    names: NameSet
+
+
+# Who sends the alert of a handshake that fails, while set (AlertingSSLObject): the
+# listener sets it around the one synchronous call that hands a connection its
+# ClientHello, where nearly every refusal happens.
+alert_sink: ContextVar[Callable[[bytes], object] | None] = ContextVar("alert_sink",
+                                                                      default=None)
+
+
+class AlertingSSLObject(ssl.SSLObject):
+    """The TLS object of every listener connection: hands the alert of a failed
+    handshake to `alert_sink` before the error goes up.
+
+    OpenSSL queues the alert (protocol_version, handshake_failure, unrecognized_name,
+    ...) in the outgoing buffer and fails the handshake; uvloop then closes the
+    socket without writing that buffer, and the client saw a bare EOF. A handshake
+    that succeeds costs ~1 us more per connection (measured): keeping the buffer
+    here, and the `try` around the same one call.
+    """
+
+    _outgoing: ssl.MemoryBIO
+
+    @classmethod
+    def _create(cls, incoming: ssl.MemoryBIO, outgoing: ssl.MemoryBIO,
+                *args: Any, **kwargs: Any) -> AlertingSSLObject:
+        # ssl.SSLContext.wrap_bio's one constructor; the outgoing buffer is not
+        # reachable from the object it builds.
+        self: AlertingSSLObject = super()._create(  # type: ignore[misc]
+            incoming, outgoing, *args, **kwargs)
+        self._outgoing = outgoing
+        return self
+
+    def do_handshake(self) -> None:
+        try:
+            # What ssl.SSLObject.do_handshake does, not a call to it: no extra frame.
+            self._sslobj.do_handshake()  # type: ignore[attr-defined]
+        except ssl.SSLWantReadError:
+            raise
+        except ssl.SSLError:
+            sink = alert_sink.get()
+            if sink is not None:
+                pending = self._outgoing.read()
+                if pending:
+                    sink(pending)
+            raise
 
 
 def base_context(settings: TlsSettings) -> ssl.SSLContext:
     """A server context with our policy and no certificate.
 
     The listener starts with it; the SNI callback swaps in a per-certificate one.
+    Its connections' TLS objects are AlertingSSLObjects.
     """
     ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    _apply_policy(ctx, settings)
+    ctx.sslobject_class = AlertingSSLObject
+    return ctx
+
+
+def _apply_policy(ctx: ssl.SSLContext, settings: TlsSettings) -> None:
     ctx.minimum_version = settings.min_version
-    ctx.set_ciphers(TLS12_CIPHERS)
+    ctx.maximum_version = settings.max_version
+    ctx.set_ciphers(settings.ciphers)
+    set_groups(ctx, settings.groups)
     # The client picks the cipher (Mozilla intermediate): it then chooses
     # AES-128-GCM, measured ~16 us cheaper per handshake than our preference.
     ctx.options &= ~ssl.OP_CIPHER_SERVER_PREFERENCE
@@ -46,17 +172,21 @@ def base_context(settings: TlsSettings) -> ssl.SSLContext:
     if settings.alpn:
         ctx.set_alpn_protocols(list(settings.alpn))
     ctx.num_tickets = settings.num_tickets
-    return ctx
 
 
-def server_context(chain_pem: bytes, key_pem: bytes, settings: TlsSettings) -> ssl.SSLContext:
-    """A context serving one certificate, loaded through an anonymous memfd.
+def server_context(chain_pem: bytes, key_pem: bytes, settings: TlsSettings,
+                   names: Iterable[str] = ()) -> CertContext:
+    """A context serving one certificate, loaded through an anonymous memfd. `names`
+    are the certificate's (CertBundle.names): the data plane's 421 check reads them
+    (a context built without them covers no name).
 
     The key and chain go into one memory-only file read via /proc/self/fd/N (about
     25 us more than a disk file, and nothing ever reaches a disk). Raises
     BundleError without quoting key material.
     """
-    ctx = base_context(settings)
+    ctx = CertContext(ssl.PROTOCOL_TLS_SERVER)
+    _apply_policy(ctx, settings)
+    ctx.names = NameSet(names)
     fd = os.memfd_create("tlsedge-cert", os.MFD_CLOEXEC)
     try:
         os.write(fd, key_pem)

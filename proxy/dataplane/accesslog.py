@@ -11,15 +11,32 @@ import asyncio
 import os
 import sys
 import time
-from typing import TYPE_CHECKING
 
 import msgspec
 
-if TYPE_CHECKING:
-    from proxy.dataplane.exchange import ClientSide, Exchange
-
 FLUSH_INTERVAL = 0.1
 FLUSH_BYTES = 64 * 1024
+
+
+class Entry(msgspec.Struct, array_like=True):
+    """What one answered request hands the log: plain values, no exchange internals.
+
+    `url` is the request target as received (the query is cut here); `started` and
+    `upstream_started` are monotonic times (0.0: no backend was asked)."""
+
+    request_id: str
+    app: str
+    host: str
+    method: bytes
+    url: bytes
+    status: int
+    bytes_in: int
+    bytes_out: int
+    started: float
+    upstream_started: float
+    tls: str
+    client: str
+    protocol: str
 
 
 class AccessLog:
@@ -39,25 +56,24 @@ class AccessLog:
         self._loop = asyncio.get_running_loop()
         self._timer: asyncio.TimerHandle | None = None
 
-    def request(self, session: ClientSide, exchange: Exchange) -> None:
-        req = exchange.req
+    def request(self, entry: Entry) -> None:
         now = time.monotonic()
-        path = req.url.split(b"?", 1)[0].decode("latin-1")
         line = {
             "time": round(time.time(), 3),
-            "request_id": exchange.request_id,
-            "app": exchange.app.name if exchange.app is not None else "",
-            "host": exchange.host,
-            "method": req.method.decode("latin-1"),
-            "path": path,
-            "status": exchange.status,
-            "bytes_in": req.body.total,
-            "bytes_out": exchange.bytes_out,
-            "duration_ms": round((now - req.started) * 1000, 3),
-            "upstream_ms": (round((now - exchange.upstream_started) * 1000, 3)
-                            if exchange.upstream_started else None),
-            "tls": session.tls_version,
-            "client": session.peer,
+            "request_id": entry.request_id,
+            "app": entry.app,
+            "host": entry.host,
+            "method": entry.method.decode("latin-1"),
+            "path": entry.url.split(b"?", 1)[0].decode("latin-1"),
+            "status": entry.status,
+            "bytes_in": entry.bytes_in,
+            "bytes_out": entry.bytes_out,
+            "duration_ms": round((now - entry.started) * 1000, 3),
+            "upstream_ms": (round((now - entry.upstream_started) * 1000, 3)
+                            if entry.upstream_started else None),
+            "tls": entry.tls,
+            "client": entry.client,
+            "protocol": entry.protocol,
         }
         self._encoder.encode_into(line, self._buffer, -1)
         self._buffer += b"\n"

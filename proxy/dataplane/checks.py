@@ -80,13 +80,6 @@ def origin_form(url: bytes) -> bytes:
     return rest[slash:]
 
 
-def header_name(name: bytes) -> Refusal | None:
-    """Per-header check run as each header is parsed (kept to one `in`)."""
-    if UNDERSCORE in name:
-        return 400, "underscore in a header name"
-    return None
-
-
 def response_head(version: str, status: int, reason: bytes, te: bytes | None,
                   underscore: bool) -> str | None:
     """Why a backend's response head is refused (the client gets 502), or None."""

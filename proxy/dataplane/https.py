@@ -4,15 +4,16 @@ Requests are parsed with httptools in the protocol callbacks and checked strictl
 (`checks`), queued, and their exchanges started one at a time in order (pipelining
 keeps order); an exchange runs in callbacks or in its own task, as `exchange` decides.
 This module owns HTTP/1.1 framing and the client-side limits (head size and time,
-body size and pace, keep-alive idle) and times the exchange in flight from its one
-timer; routing and the backend side live in `exchange`. It never touches the store,
-never blocks, and never forwards a request that was refused.
+body size and pace, keep-alive idle, a WebSocket tunnel's idle time) and times the
+exchange in flight from its one timer; routing and the backend side live in
+`exchange`. It is the HTTP/1.1 implementation of `exchange.ClientSide` (HTTP/2 is
+`h2session`). It never touches the store, never blocks, and never forwards a request
+that was refused.
 """
 
 from __future__ import annotations
 
 import asyncio
-import ipaddress
 import logging
 import time
 from collections import deque
@@ -25,13 +26,16 @@ from proxy import metrics
 from proxy.dataplane import checks, pages
 from proxy.dataplane.accesslog import AccessLog
 from proxy.dataplane.checks import UNDERSCORE
-from proxy.dataplane.exchange import Exchange, Request, count
+from proxy.dataplane.clients import Clients
+from proxy.dataplane.exchange import Client, Exchange, Request
 from proxy.dataplane.state import Live
 from proxy.dataplane.upstream import WRITE_HIGH, UpstreamPool
-from proxy.routing import App, RouteTable
 
 log = logging.getLogger("tlsedge.http")
 _TRANSFER_CHUNKED = b"transfer-encoding: chunked\r\n"
+# What a lost connection's `parser` becomes: a parser calls none of our methods, so
+# the session is no longer in a cycle with its own (see connection_lost).
+_LOST_PARSER = httptools.HttpRequestParser(None)
 
 
 class _Refuse(Exception):
@@ -39,36 +43,39 @@ class _Refuse(Exception):
 
 
 class HttpSession(asyncio.Protocol):
-    """One client connection (after TLS) speaking HTTP/1.1 to us."""
+    """One client connection speaking HTTP/1.1 to us: after TLS on the HTTPS listener,
+    as it comes on the plain-HTTP one (`scheme` says which)."""
 
-    __slots__ = (
-        "_broken", "_chunked_out", "_connection_upgrade", "_current", "_dispatching", "_done",
-        "_early", "_head_bytes", "_head_size", "_head_started", "_hosts", "_idle_since",
-        "_in_head", "_loop", "_on_lost", "_out", "_queue", "_read_at", "_read_paused",
-        "_resp", "_served", "_sni_ok", "_te", "_timer", "_timer_due", "_tunnel", "_upgrade",
-        "access_log", "closed", "live", "loop", "parser", "peer", "pool", "port",
-        "route_memo", "scheme", "tls_version", "transport", "trusted", "write_paused",
+    __slots__ = (  # noqa: RUF023 (grouped by lifetime, not sorted)
+        # The connection's, for its whole life.
+        "_broken", "_done", "_draining", "_early", "_idle_since", "_loop", "_on_lost", "_out",
+        "_read_at", "_read_paused", "_served", "_timer", "_timer_due", "client", "closed",
+        "live", "parser", "peer", "scheme", "tcp", "transport", "write_paused",
+        # The requests': the one being parsed, those queued, the one being answered.
+        "_chunked_out", "_connection_upgrade", "_current", "_dispatching", "_head_bytes",
+        "_head_size", "_head_started", "_hosts", "_in_head", "_queue", "_resp", "_te",
+        "_tunnel", "_upgrade",
     )
 
     def __init__(self, live: Live, pool: UpstreamPool, *, scheme: str, port: int,
                  peer: str, tls_version: str = "",
                  on_lost: Callable[[HttpSession], None] | None = None,
-                 access_log: AccessLog | None = None) -> None:
+                 access_log: AccessLog | None = None, clients: Clients | None = None) -> None:
         self.live = live
+        # What the exchanges of this connection read (its peer, TLS, certificate names).
+        self.client = Client(live, pool, scheme=scheme, port=port, peer=peer,
+                             tls_version=tls_version, access_log=access_log, clients=clients)
         self._on_lost = on_lost
-        self.access_log = access_log
         self.closed = False
         self._early: list[bytes] = []
-        self.pool = pool
         self.scheme = scheme
-        self.port = port
         self.peer = peer
-        self.trusted = _is_trusted(peer, live)
-        self.tls_version = tls_version
         self.transport: asyncio.Transport | None = None
+        # The TCP connection under the TLS transport (the acceptor sets it): closed
+        # directly at shutdown, see `release`.
+        self.tcp: asyncio.Transport | None = None
         self.parser = httptools.HttpRequestParser(self)
-        self._loop = asyncio.get_running_loop()
-        self.loop = self._loop
+        self._loop = self.client.loop
         # While corked (one backend read being relayed), writes collect here and go
         # out as one TLS record and one send: head + body of a small response cost
         # one syscall instead of two or three (syscalls dominate our CPU profile).
@@ -83,6 +90,7 @@ class HttpSession(asyncio.Protocol):
         self.write_paused = False
         self._chunked_out = False
         self._done = False
+        self._draining = False
         self._broken = False
         self._in_head = False
         self._head_bytes = 0
@@ -96,13 +104,12 @@ class HttpSession(asyncio.Protocol):
         self._served = 0
         self._timer: asyncio.TimerHandle | None = None
         self._timer_due = 0.0
-        self._sni_ok: dict[str, bool] | None = None
-        self.route_memo: tuple[bytes | None, RouteTable, str, App | None] | None = None
 
     # -- asyncio.Protocol ---------------------------------------------------------
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = cast(asyncio.Transport, transport)
         self.transport.set_write_buffer_limits(high=WRITE_HIGH)
+        self.client.set_certificate(transport)
         # No task per connection: exchanges start from the callbacks (`_dispatch`).
         # The task that was here cost ~3 us per connection to create and start, and a
         # future and a wake-up per request (the queue waiter).
@@ -124,6 +131,12 @@ class HttpSession(asyncio.Protocol):
             self._current.body.cut()
         if self._resp is not None:
             self._resp.client_gone()
+        # Let refcounting free the connection now. The parser holds this session's bound
+        # methods (a cycle), and the transport holds the TLS protocol and OpenSSL's SSL
+        # object with its buffers: left to the cycle collector, every closed connection
+        # kept them until a full collection, and worker RSS grew ~1.5 kB per handshake.
+        self.transport = self.tcp = None
+        self.parser = _LOST_PARSER
 
     def data_received(self, data: bytes) -> None:
         if self.transport is None:
@@ -133,6 +146,7 @@ class HttpSession(asyncio.Protocol):
             return
         tunnel = self._tunnel
         if tunnel is not None:
+            self._read_at = time.monotonic()  # for limits.tunnel_idle_timeout
             tunnel.tunnel_from_client(data)
             return
         if self._broken:
@@ -177,9 +191,16 @@ class HttpSession(asyncio.Protocol):
         if req.upgrade:
             req.tunnel_early = data[exc.args[0]:] if exc.args else b""
             self._broken = True  # no more HTTP on this connection
-            self.pause_reading_client()
+            self.pause()
             return
         self._reject(501, "only WebSocket upgrades are supported", req)
+
+    def hand_over(self) -> list[bytes]:
+        """ALPN chose another protocol: the bytes read so far, for the session that
+        takes the connection over (this one is never used)."""
+        early, self._early = self._early, []
+        self.closed = True
+        return early
 
     def eof_received(self) -> bool | None:
         if self._tunnel is not None:
@@ -205,21 +226,40 @@ class HttpSession(asyncio.Protocol):
             self._resp.resume_upstream()
 
     def drain(self) -> None:
-        """Finish the request in flight (if any), then close; used at shutdown."""
-        self._done = True
-        if self._resp is None and self._current is None and self.transport is not None:
-            self.transport.close()
+        """At shutdown: close an idle connection now; else answer the request in flight,
+        or the one being received, with `connection: close`, then close."""
+        if self._resp is not None:
+            self._done = True  # the exchange's end closes (done)
+        elif self._current is None and not self._queue:
+            self._done = True
+            if self.transport is not None:
+                self.transport.close()
+        else:
+            self._draining = True  # served by _dispatch, as the connection's last
+
+    def release(self) -> None:
+        """At shutdown, polled after `drain`: once the TLS side is closing with every
+        byte of ours handed down (its close_notify too), close the TCP connection
+        instead of waiting for the client's close_notify. A client may never send one
+        (an idle keep-alive client that does not read), and the TLS transport would
+        hold the connection for its shutdown timeout (uvloop: 30 s). The TCP close
+        still sends what it holds, then FIN: the last response arrives whole.
+        """
+        transport, tcp = self.transport, self.tcp
+        if (transport is not None and tcp is not None and transport.is_closing()
+                and not transport.get_write_buffer_size()):
+            tcp.close()
 
     def abort(self) -> None:
         if self.transport is not None:
             self.transport.abort()
 
-    def pause_reading_client(self) -> None:
+    def pause(self) -> None:
         if not self._read_paused and self.transport is not None:
             self._read_paused = True
             self.transport.pause_reading()
 
-    def resume_reading_client(self) -> None:
+    def resume(self) -> None:
         if self._read_paused and self.transport is not None and not self._done:
             if self._broken and self._tunnel is None:
                 return
@@ -328,7 +368,7 @@ class HttpSession(asyncio.Protocol):
     def _reject(self, status: int, why: str, req: Request | None = None) -> None:
         """Refuse what cannot be accepted, in order behind earlier requests, then close."""
         self._broken = True
-        self.pause_reading_client()
+        self.pause()
         current = self._current
         self._current = None
         if req is None and current is not None and (
@@ -346,7 +386,7 @@ class HttpSession(asyncio.Protocol):
     def _client_failed(self, req: Request, status: int, limit: str | None) -> None:
         """A request already accepted broke a limit or its body was malformed."""
         self._broken = True
-        self.pause_reading_client()
+        self.pause()
         req.keep_alive = False
         if limit is not None:
             metrics.LIMITS_HIT.labels(limit).inc()
@@ -366,6 +406,8 @@ class HttpSession(asyncio.Protocol):
         try:
             while self._resp is None and self._queue and not self._done and not self.closed:
                 req = self._queue.popleft()
+                if self._draining:
+                    req.keep_alive = False
                 self._idle_since = 0.0
                 exchange = self._resp = Exchange(self, req)
                 exchange.start()
@@ -376,7 +418,7 @@ class HttpSession(asyncio.Protocol):
         finally:
             self._dispatching = False
 
-    def exchange_done(self, exchange: Exchange, keep: bool) -> None:
+    def done(self, exchange: Exchange, keep: bool) -> None:
         if self._resp is exchange:
             self._resp = None
         self._tunnel = None
@@ -410,16 +452,14 @@ class HttpSession(asyncio.Protocol):
         elif self.transport is not None:
             self.transport.write(data)
 
-    def send_interim(self, req: Request, status: int, reason: bytes) -> None:
-        transport = self.transport
-        if req.version == "1.1" and transport is not None and not transport.is_closing():
-            self._write(b"HTTP/1.1 %d %s\r\n\r\n" % (status, reason))
-
     def send_head(self, req: Request, status: int, reason: bytes,
-                  headers: list[tuple[bytes, bytes]], framing: str,
-                  upstream_keep: bool) -> None:
+                  headers: list[tuple[bytes, bytes]], framing: str) -> None:
         transport = self.transport
         if transport is None or transport.is_closing():
+            return
+        if status < 200 and status != 101:  # interim: to HTTP/1.1 clients only
+            if req.version == "1.1":
+                self._write(b"HTTP/1.1 %d %s\r\n\r\n" % (status, reason))
             return
         keep = req.keep_alive and not self._done and status != 101
         chunked = False
@@ -442,6 +482,8 @@ class HttpSession(asyncio.Protocol):
         self._write(b"HTTP/1.1 %d %s\r\n%s%s\r\n" % (
             status, reason,
             b"\r\n".join(map(b": ".join, headers)) + b"\r\n" if headers else b"", ours))
+        if status == 101:
+            self._start_tunnel()
 
     def send_body(self, data: bytes) -> None:
         transport = self.transport
@@ -452,7 +494,7 @@ class HttpSession(asyncio.Protocol):
         else:
             self._write(data)
 
-    def end_body(self) -> None:
+    def end(self) -> None:
         transport = self.transport
         if self._chunked_out and transport is not None and not transport.is_closing():
             self._write(b"0\r\n\r\n")
@@ -464,61 +506,22 @@ class HttpSession(asyncio.Protocol):
                                  head_only=req.method == b"HEAD")
         if self.transport is not None and not self.transport.is_closing():
             self._write(head + body)
-        log.debug("%s %s: %s", status, request_id, why)
         return keep
 
-    def send_redirect(self, req: Request, location: str) -> bool:
+    def send_redirect(self, req: Request, location: str, status: int = 301) -> bool:
         keep = req.body.done and req.keep_alive and not self._done
         if self.transport is not None and not self.transport.is_closing():
-            self._write(pages.redirect(location, keep_alive=keep))
+            self._write(pages.redirect(location, status=status, keep_alive=keep,
+                                       head_only=req.method == b"HEAD"))
         return keep
 
-    def start_tunnel(self, exchange: Exchange) -> None:
-        self._tunnel = exchange
+    def _start_tunnel(self) -> None:
+        """A 101 went out: the client's bytes go to the exchange's backend from now."""
+        self._tunnel = self._resp
         self._broken = False
-        self.resume_reading_client()
-
-    def tunnel_to_client(self, data: bytes) -> None:
-        transport = self.transport
-        if transport is not None and not transport.is_closing():
-            self._write(data)
-
-    def misdirected(self, host: str) -> bool:
-        """Whether `host` is outside the certificate this connection's SNI chose."""
-        if not self.live.reject_misdirected or self.transport is None:
-            return False
-        cache = self._sni_ok
-        if cache is None:
-            cache = self._sni_ok = {}
-        ok = cache.get(host)
-        if ok is None:
-            ok = self._certificate_covers(host)
-            if len(cache) < 16:
-                cache[host] = ok
-        return not ok
-
-    def _certificate_covers(self, host: str) -> bool:
-        """Python does not expose the SNI on the server side, but the sni_callback left
-        the chosen certificate's context on the SSL object: the connection is right
-        for `host` when that is the context `host` itself would get (the usual case,
-        two dict lookups), or when it is the default certificate and that covers it.
-        """
-        assert self.transport is not None
-        sslobj = self.transport.get_extra_info("ssl_object")
-        if sslobj is None:
-            return True
-        connection_ctx = sslobj.context
-        selector = self.live.selector
-        table, cache = selector.table, selector.cache
-        entry, _ = table.lookup(host)
-        if (entry is not None and entry.fingerprint in cache
-                and cache.get(entry) is connection_ctx):
-            return True
-        default = table.default
-        if (default is not None and default.fingerprint in cache
-                and cache.get(default) is connection_ctx):
-            return default.bundle.covers(host)
-        return False
+        self.resume()
+        # The timer may be set for a later deadline of the request: bring it in.
+        self._due_by(self.live.limits.tunnel_idle_timeout, time.monotonic())
 
     # -- timers -------------------------------------------------------------------
     def _close_after_flush(self) -> None:
@@ -553,26 +556,40 @@ class HttpSession(asyncio.Protocol):
         """One timer per connection, re-armed for the nearest deadline.
 
         Requests only set timestamps (head start, last body byte, idle since, sent to
-        the backend, last backend read); no timer is created or cancelled per request
-        or per read.
+        the backend, last backend read; in a tunnel, each side's last read); no timer
+        is created or cancelled per request or per read.
         """
         self._timer = None
         transport = self.transport
-        if transport is None or transport.is_closing() or self._tunnel is not None:
+        if transport is None or transport.is_closing():
             return
         now = time.monotonic()
-        delay = self._client_deadlines(now, transport)
-        if delay is None:
-            return
-        resp = self._resp
-        if resp is not None:
-            left = resp.watch(now)
-            if left is not None:
-                delay = min(delay, left)
-            if transport.is_closing() or self._tunnel is not None:
-                return
-        if self._timer is None:
+        tunnel = self._tunnel
+        if tunnel is not None:
+            delay = self._tunnel_deadline(now, tunnel, transport)
+        else:
+            delay = self._client_deadlines(now, transport)
+            resp = self._resp
+            if delay is not None and resp is not None:
+                left = resp.watch(now)
+                if left is not None:
+                    delay = min(delay, left)
+        if delay is not None and self._timer is None and not transport.is_closing():
             self._schedule(delay, now)
+
+    def _tunnel_deadline(self, now: float, tunnel: Exchange,
+                         transport: asyncio.Transport) -> float | None:
+        """Close a tunnel silent both ways for tunnel_idle_timeout (None), else seconds
+        to the next check. Reads only timestamps: the client side's last read, and the
+        backend connection's (set on each of its reads)."""
+        conn = tunnel.conn
+        last = max(self._read_at, conn.last_read if conn is not None else 0.0)
+        left = self.live.limits.tunnel_idle_timeout - (now - last)
+        if left > 0:
+            return left
+        metrics.LIMITS_HIT.labels("tunnel_idle_timeout").inc()
+        transport.close()  # connection_lost closes the backend side (client_gone)
+        return None
 
     def _client_deadlines(self, now: float, transport: asyncio.Transport) -> float | None:
         """Act on the client side's overdue deadline (None), else seconds to the next."""
@@ -590,11 +607,20 @@ class HttpSession(asyncio.Protocol):
             return left
         current = self._current
         if current is not None and not current.body.done:
-            last = current.body.last or current.started
+            body = current.body
+            last = body.last or current.started
             left = limits.request_body_timeout - (now - last)
             if left <= 0 and not self._read_paused:
                 self._client_failed(current, 408, "request_body_timeout")
                 return None
+            if body.buffering and limits.body_min_rate:
+                # Held by us, a body may take body_rate_grace seconds, plus one second
+                # per body_min_rate bytes received: a trickle is cut, not kept forever.
+                left = min(left, limits.body_rate_grace + body.total / limits.body_min_rate
+                           - (now - current.started))
+                if left <= 0:
+                    self._client_failed(current, 408, "body_min_rate")
+                    return None
             return max(left, 0.5)
         if self._idle_since and self._resp is None and not self._queue:
             limit = limits.keepalive_timeout if self._served else limits.request_head_timeout
@@ -608,14 +634,4 @@ class HttpSession(asyncio.Protocol):
         return min(limits.request_head_timeout, limits.keepalive_timeout)
 
 
-def _is_trusted(peer: str, live: Live) -> bool:
-    if not live.trusted_proxies or not peer:
-        return False
-    try:
-        address = ipaddress.ip_address(peer)
-    except ValueError:
-        return False
-    return any(address in net for net in live.trusted_proxies)
-
-
-__all__ = ["HttpSession", "count"]
+__all__ = ["HttpSession"]

@@ -19,6 +19,7 @@ _TEXT = {
     408: "The request took too long to arrive.",
     413: "The request body is too large.",
     421: "This certificate does not cover the requested domain.",
+    429: "Too many requests from your address; try again in a moment.",
     431: "The request headers are too large.",
     501: "This kind of request is not supported.",
     502: "The application did not answer correctly.",
@@ -27,12 +28,23 @@ _TEXT = {
 }
 
 
+def error_body(status: int, request_id: str) -> bytes:
+    """The HTML of an error page, whatever the protocol that carries it."""
+    phrase = HTTPStatus(status).phrase
+    return _TEMPLATE.format(code=status, phrase=phrase, text=_TEXT.get(status, phrase),
+                            rid=request_id).encode()
+
+
+def redirect_body(location: str, status: int = 301) -> bytes:
+    """The HTML of a redirect, whatever the protocol that carries it."""
+    return f"<a href=\"{html.escape(location)}\">{HTTPStatus(status).phrase}</a>\n".encode()
+
+
 def error(status: int, request_id: str, *, keep_alive: bool,
           head_only: bool = False) -> tuple[bytes, bytes]:
-    """(head, body) of an error response; the body is empty for HEAD."""
+    """(head, body) of an HTTP/1.1 error response; the body is empty for HEAD."""
     phrase = HTTPStatus(status).phrase
-    body = _TEMPLATE.format(code=status, phrase=phrase, text=_TEXT.get(status, phrase),
-                            rid=request_id).encode()
+    body = error_body(status, request_id)
     head = (
         f"HTTP/1.1 {status} {phrase}\r\n"
         "content-type: text/html; charset=utf-8\r\n"
@@ -45,14 +57,14 @@ def error(status: int, request_id: str, *, keep_alive: bool,
 
 
 def redirect(location: str, *, status: int = 301, keep_alive: bool = True,
-             extra: str = "") -> bytes:
-    """A complete redirect response."""
+             extra: str = "", head_only: bool = False) -> bytes:
+    """A complete HTTP/1.1 redirect response (without its body for HEAD)."""
     phrase = HTTPStatus(status).phrase
-    body = f"<a href=\"{html.escape(location)}\">{phrase}</a>\n".encode()
+    body = redirect_body(location, status)
     return (
         f"HTTP/1.1 {status} {phrase}\r\n"
         f"location: {location}\r\n"
         "content-type: text/html; charset=utf-8\r\n"
         f"content-length: {len(body)}\r\n{extra}"
         f"connection: {'keep-alive' if keep_alive else 'close'}\r\n\r\n"
-    ).encode() + body
+    ).encode() + (b"" if head_only else body)

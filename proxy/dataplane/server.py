@@ -1,51 +1,98 @@
-"""Listeners of one worker: accept TCP, upgrade to TLS, hand over to the HTTP session.
+"""Listeners of one worker: accept TCP, read the PROXY header where the listener takes
+one, upgrade to TLS on the HTTPS listener, hand over to the HTTP session.
 
-The HTTPS listener accepts plain TCP and upgrades with `loop.start_tls()`, so bytes
-before the handshake can be inspected later (PROXY protocol) and every handshake has
-a result and a duration. Owns connection accounting and draining; never reads the
-store and never does slow work in a handshake.
+Both traffic listeners end in the same HTTP/1.1 session (`https.HttpSession`; with
+scheme "http" on the plain listener). The HTTPS listener accepts plain TCP and
+upgrades with `loop.start_tls()`, so the bytes before the handshake (the PROXY
+header, the ClientHello) are read first, and every handshake has a result and a
+duration. Owns connection accounting and draining; never reads the store and never
+does slow work in a handshake.
 """
 
 from __future__ import annotations
 
 import asyncio
+import ipaddress
 import logging
 import socket
 import ssl
 import time
-from collections.abc import Awaitable
+from collections.abc import Awaitable, Iterable
 from typing import Any, cast
 
 from proxy import metrics
-from proxy.certs.clienthello import MAX_HELLO, MORE, NOT_HELLO, server_name
+from proxy.certs.clienthello import MAX_HELLO, MORE, Unread, server_name
+from proxy.certs.tls import alert_sink
+from proxy.config import Listener
+from proxy.dataplane import proxyproto
 from proxy.dataplane.accesslog import AccessLog
-from proxy.dataplane.http80 import PlainHttpSession
+from proxy.dataplane.clients import Clients
+from proxy.dataplane.h2session import H2Session
 from proxy.dataplane.https import HttpSession
 from proxy.dataplane.state import Live
 from proxy.dataplane.upstream import UpstreamPool
+from proxy.names import unmapped_ip
 
 log = logging.getLogger("tlsedge.server")
 
 
 
-class TlsAccept(asyncio.Protocol):
-    """A freshly accepted HTTPS-listener connection, until its handshake ends.
+class TrustedSources:
+    """Who may send a listener's PROXY header (`listen.<name>.trusted`): the load
+    balancers. Answers are remembered per address (a node sees a few balancers)."""
 
-    Reads the ClientHello first (never past it: the client sends nothing more before
-    the server's reply) and looks its server name up, so that a store certificate
-    not in memory yet is read before the handshake (the SNI callback must not do
-    I/O); then upgrades with start_tls and hands the bytes it read to the TLS side.
+    __slots__ = ("_known", "_networks")
+
+    def __init__(self, cidrs: Iterable[str]) -> None:
+        self._networks = tuple(ipaddress.ip_network(c, strict=False) for c in cidrs)
+        self._known: dict[str, bool] = {}
+
+    @classmethod
+    def of(cls, listener: Listener) -> TrustedSources | None:
+        """The listener's sources when it takes the PROXY protocol, else None."""
+        return cls(listener.trusted) if listener.proxy_protocol else None
+
+    def trusts(self, host: str) -> bool:
+        ok = self._known.get(host)
+        if ok is None:
+            try:
+                address = ipaddress.ip_address(host)
+            except ValueError:
+                ok = False
+            else:
+                ok = any(address in network for network in self._networks)
+            if len(self._known) < 1024:
+                self._known[host] = ok
+        return ok
+
+
+Endpoints = tuple[tuple[str, int], tuple[str, int]]
+
+
+
+
+class _Accept(asyncio.Protocol):
+    """A connection a traffic listener accepted, until its HTTP session takes it over:
+    the connection limits, and on a listener with `proxy_protocol` the PROXY header,
+    read before anything else from a trusted source only. The header's client address
+    is the connection's from then on: per-client limits, X-Forwarded-For, the access
+    log. A connection without a whole, valid header within the handshake timeout is
+    closed and counted, and none of its bytes is read as TLS or HTTP.
     """
 
-    __slots__ = ("_early", "_started", "_task", "_timer", "session", "transport", "worker")
+    __slots__ = ("_early", "_header", "_origin", "_timer", "client", "transport", "worker")
 
-    def __init__(self, worker: Worker) -> None:
+    def __init__(self, worker: Worker, proxy: TrustedSources | None = None) -> None:
         self.worker = worker
+        # The client address once admitted (counted in worker.clients), else None.
+        self.client: str | None = None
         self.transport: asyncio.Transport | None = None
-        self.session: HttpSession | None = None
         self._early = bytearray()
-        self._started = 0.0
-        self._task: asyncio.Task[Any] | None = None
+        # Who may send the PROXY header while it is awaited; None once read (or off).
+        self._header = proxy
+        # (client address, port), (address, port) it reached: the peer's until a PROXY
+        # header names others.
+        self._origin: Endpoints = (("", 0), ("", 0))
         self._timer: asyncio.TimerHandle | None = None
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
@@ -55,24 +102,185 @@ class TlsAccept(asyncio.Protocol):
             metrics.LIMITS_HIT.labels("max_connections").inc()
             tcp.abort()
             return
+        # getpeername once (~1.7 us on uvloop): the address and port stay at hand.
+        peername = tcp.get_extra_info("peername") or ("", 0)
+        peer = unmapped_ip(peername[0])
+        self._origin = ((peer, peername[1]), self._origin[1])
+        if self._header is not None:
+            if not self._header.trusts(peer):
+                metrics.PROXY_PROTOCOL.labels("untrusted").inc()
+                tcp.abort()
+                return
+        elif not self._admit(peer, tcp):
+            return
         worker.open_connections += 1
         self.transport = tcp
-        self._started = time.monotonic()
         self._timer = worker.loop.call_later(worker.live.handshake_timeout, self._too_slow)
+        if self._header is None:
+            self._start()
+
+    def _admit(self, client: str, tcp: asyncio.Transport) -> bool:
+        worker = self.worker
+        if not worker.clients.admit(client, worker.live.limits.connections_per_client):
+            metrics.LIMITS_HIT.labels("connections_per_client").inc()
+            if self._timer is not None:  # refused after its PROXY header: no handshake
+                self._timer.cancel()
+                self._timer = None
+            tcp.abort()
+            return False
+        self.client = client
+        return True
 
     def data_received(self, data: bytes) -> None:
+        if self._header is None:
+            self._more(data)
+            return
+        self._early += data
+        try:
+            header = proxyproto.parse(self._early)
+        except proxyproto.BadHeader as exc:
+            self._refuse_header(exc.result, str(exc))
+            return
+        if header is proxyproto.MORE:
+            return
+        self._header = None
+        self.worker.proxy_results[header.local].pending += 1
+        rest = bytes(self._early[header.length:])
+        self._early = bytearray()
+        tcp = self.transport
+        assert tcp is not None
+        if header.source is not None and header.destination is not None:
+            self._origin = (header.source, header.destination)
+        if self._admit(self._origin[0][0], tcp):
+            self._start()
+            if rest:
+                self._more(rest)
+
+    def _refuse_header(self, result: str, why: str) -> None:
+        """Close a connection whose PROXY header is missing, invalid or late, unread."""
+        metrics.PROXY_PROTOCOL.labels(result).inc()
+        log.debug("PROXY header refused: %s", why)
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+        self._early = bytearray()  # not "truncated" too, when the close is reported
+        if self.transport is not None:
+            self.transport.abort()
+
+    def _header_lost(self) -> bool:
+        """In connection_lost: True when the connection left while its PROXY header was
+        awaited (then it is counted closed here)."""
+        if self._header is None or self.transport is None:
+            return False
+        if self._early:
+            metrics.PROXY_PROTOCOL.labels("truncated").inc()
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+        self.worker.connection_closed(None)
+        self.transport = None
+        return True
+
+    def _too_slow(self) -> None:
+        self._timer = None
+        if self._header is not None:
+            self._refuse_header("timeout", "no whole PROXY header within the handshake "
+                                "timeout")
+
+    def _session(self, scheme: str, port: int) -> HttpSession:
+        """The connection's HTTP session, for the admitted client."""
+        worker, tcp = self.worker, self.transport
+        assert tcp is not None and self.client is not None
+        session = HttpSession(worker.live, worker.pool, scheme=scheme, port=port,
+                              peer=self.client, on_lost=worker.session_closed,
+                              access_log=worker.access_log, clients=worker.clients)
+        source, destination = self._origin
+        if not destination[0]:  # the listener's side of the connection (~0.5 us)
+            ours = tcp.get_extra_info("sockname") or ("", 0)
+            destination = (unmapped_ip(ours[0]), ours[1])
+        session.client.origin = (source, destination)
+        session.tcp = tcp
+        return session
+
+    def _start(self) -> None:
+        """The connection is admitted (its PROXY header, if any, read)."""
+
+    def _more(self, data: bytes) -> None:
+        """Bytes after the PROXY header."""
+
+
+class PlainAccept(_Accept):
+    """The plain-HTTP listener's side of `_Accept`: once admitted, the connection is
+    the HTTP/1.1 session's (the same as HTTPS, without TLS)."""
+
+    __slots__ = ("session",)
+
+    def __init__(self, worker: Worker, proxy: TrustedSources | None = None) -> None:
+        super().__init__(worker, proxy)
+        self.session: HttpSession | None = None
+
+    def _start(self) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+        worker, tcp = self.worker, self.transport
+        assert tcp is not None
+        session = self.session = self._session("http", worker.http_port)
+        worker.sessions.add(session)
+        worker.active_http.pending += 1
+        tcp.set_protocol(session)
+        session.connection_made(tcp)
+        if worker.draining:
+            session.drain()
+
+    def _more(self, data: bytes) -> None:
+        if self.session is not None:
+            self.session.data_received(data)
+
+    def connection_lost(self, exc: BaseException | None) -> None:
+        # Only called while we are still the protocol: before the session took over.
+        if not self._header_lost() and self.transport is not None:
+            self.worker.connection_closed(self.client)
+            self.transport = None
+
+
+class TlsAccept(_Accept):
+    """The HTTPS listener's side of `_Accept`, until the handshake ends.
+
+    Reads the ClientHello first (never past it: the client sends nothing more before
+    the server's reply) and looks its server name up, so that a store certificate
+    not in memory yet is read before the handshake (the SNI callback must not do
+    I/O); then upgrades with start_tls and hands the bytes it read to the TLS side.
+    """
+
+    __slots__ = ("_started", "_task", "session")
+
+    def __init__(self, worker: Worker, proxy: TrustedSources | None = None) -> None:
+        super().__init__(worker, proxy)
+        self.session: HttpSession | None = None
+        self._started = 0.0
+        self._task: asyncio.Task[Any] | None = None
+
+    def _start(self) -> None:
+        self._started = time.monotonic()
+
+    def _more(self, data: bytes) -> None:
         self._early += data
         if self._task is not None or self._timer is None:
             return  # upgrading: these bytes go over with the rest
         name = server_name(self._early)
-        if name == MORE and len(self._early) <= MAX_HELLO + 512:
+        if name is MORE and len(self._early) <= MAX_HELLO + 512:
             return
-        live = self.worker.live
-        entry = None
-        if name != MORE and name != NOT_HELLO and live.prepare_certificate is not None:
-            entry, _ = live.selector.table.lookup(name)
-        waiting = (live.prepare_certificate(entry)
-                   if entry is not None and live.prepare_certificate is not None else None)
+        prepare = self.worker.live.prepare_certificate
+        waiting = None
+        if prepare is not None and not isinstance(name, Unread):
+            entry, _ = self.worker.live.selector.table.lookup(name)
+            if entry is not None:
+                try:
+                    waiting = prepare(entry)
+                except Exception as exc:  # never the connection's end: the SNI callback picks
+                    log.error("could not prepare the certificate of %s for a handshake: "
+                              "%s: %s", name, type(exc).__name__, exc)
         if waiting is None:
             self._upgrade()
         else:
@@ -92,12 +300,7 @@ class TlsAccept(asyncio.Protocol):
         worker = self.worker
         tcp = self.transport
         assert tcp is not None
-        peer = tcp.get_extra_info("peername")
-        session = HttpSession(worker.live, worker.pool, scheme="https",
-                              port=worker.live.https_port,
-                              peer=peer[0] if peer else "", on_lost=worker.session_closed,
-                              access_log=worker.access_log)
-        self.session = session
+        session = self.session = self._session("https", worker.live.https_port)
         loop = worker.loop
         task = loop.create_task(
             loop.start_tls(tcp, session, worker.live.tls_context, server_side=True,
@@ -112,7 +315,10 @@ class TlsAccept(asyncio.Protocol):
         loop.call_soon(loop.call_soon, self._hand_over_early_bytes)
 
     def _too_slow(self) -> None:
-        """No whole ClientHello within the handshake timeout."""
+        """No whole PROXY header or ClientHello within the handshake timeout."""
+        if self._header is not None:
+            super()._too_slow()
+            return
         self._timer = None
         if self._task is not None or self.transport is None:
             return
@@ -122,7 +328,7 @@ class TlsAccept(asyncio.Protocol):
 
     def connection_lost(self, exc: BaseException | None) -> None:
         # Only called while we are still the protocol: before the upgrade.
-        if self.transport is None:
+        if self.transport is None or self._header_lost():
             return
         if self._timer is not None:  # left before its handshake started
             self._timer.cancel()
@@ -131,7 +337,7 @@ class TlsAccept(asyncio.Protocol):
             if self._task is not None:
                 self._task.cancel()  # waiting for its certificate: the read goes on
         if self.session is None:
-            self.worker.open_connections -= 1
+            self.worker.connection_closed(self.client)
             self.transport = None
 
     def _hand_over_early_bytes(self) -> None:
@@ -139,25 +345,33 @@ class TlsAccept(asyncio.Protocol):
             return
         tls = self.transport.get_protocol()
         data, self._early = bytes(self._early), bytearray()
-        # Both asyncio's and uvloop's TLS protocols are buffered protocols (uvloop's
-        # is a Cython class, so no isinstance check): copy into the buffers they lend.
-        view = memoryview(data)
-        while view:
-            buf = tls.get_buffer(len(view))  # type: ignore[attr-defined]
-            n = min(len(buf), len(view))
-            buf[:n] = view[:n]
-            tls.buffer_updated(n)  # type: ignore[attr-defined]
-            view = view[n:]
+        # A handshake that fails on these bytes (the ClientHello: protocol version,
+        # ciphers, groups, unknown name) fails inside buffer_updated, and uvloop then
+        # closes without sending the alert OpenSSL queued: the TLS object hands it to
+        # the socket first (certs.tls.alert_sink), as nginx sends it.
+        sink = alert_sink.set(self.transport.write)
+        try:
+            # Both asyncio's and uvloop's TLS protocols are buffered protocols (uvloop's
+            # is a Cython class, so no isinstance check): copy into the buffers they lend.
+            view = memoryview(data)
+            while view:
+                buf = tls.get_buffer(len(view))  # type: ignore[attr-defined]
+                n = min(len(buf), len(view))
+                buf[:n] = view[:n]
+                tls.buffer_updated(n)  # type: ignore[attr-defined]
+                view = view[n:]
+        finally:
+            alert_sink.reset(sink)
 
     def _handshake_done(self, task: asyncio.Task[asyncio.Transport | None]) -> None:
         self._task = None
         worker = self.worker
         if task.cancelled():
-            worker.open_connections -= 1
+            worker.connection_closed(self.client)
             return
         exc = task.exception()
         if exc is not None:
-            worker.open_connections -= 1
+            worker.connection_closed(self.client)
             if isinstance(exc, (asyncio.TimeoutError, TimeoutError)):
                 result = "timeout"
                 metrics.LIMITS_HIT.labels("handshake_timeout").inc()
@@ -169,7 +383,7 @@ class TlsAccept(asyncio.Protocol):
             return
         tls_transport = task.result()
         if tls_transport is None:
-            worker.open_connections -= 1
+            worker.connection_closed(self.client)
             return
         session = self.session
         if session is None or session.closed or tls_transport.is_closing():
@@ -189,18 +403,38 @@ class TlsAccept(asyncio.Protocol):
         ok.pending += 1
         worker.handshake_seconds.observe(time.monotonic() - self._started)
         worker.active.pending += 1
-        session.tls_version = version
-        worker.sessions.add(session)
-        session.connection_made(tls_transport)
+        served: HttpSession | H2Session = session
+        if sslobj is not None and sslobj.selected_alpn_protocol() == "h2":
+            served = self._to_h2(session, tls_transport, version)
+        else:
+            session.client.tls_version = version
+        served.tcp = self.transport
+        worker.sessions.add(served)
+        served.connection_made(tls_transport)
         if worker.draining:
             # Accepted just before the listener closed: serve nothing new on it.
-            session.drain()
+            served.drain()
+
+    def _to_h2(self, h1: HttpSession, tls: asyncio.Transport, version: str) -> H2Session:
+        """ALPN chose h2: an HTTP/2 session takes the connection over, with the bytes
+        the HTTP/1.1 one (start_tls needed a protocol) was handed before its
+        connection_made."""
+        worker = self.worker
+        h2 = H2Session(worker.live, worker.pool, port=worker.live.https_port, peer=h1.peer,
+                       tls_version=version, on_lost=worker.session_closed,
+                       access_log=worker.access_log, clients=worker.clients)
+        h2.client.origin = h1.client.origin
+        h2.early = h1.hand_over()
+        tls.set_protocol(h2)
+        return h2
 
 
 class Worker:
     """The listeners of one data-plane process and the connections they hold."""
 
-    def __init__(self, live: Live, https_sock: socket.socket, http_sock: socket.socket) -> None:
+    def __init__(self, live: Live, https_sock: socket.socket, http_sock: socket.socket, *,
+                 https_proxy: TrustedSources | None = None,
+                 http_proxy: TrustedSources | None = None) -> None:
         self.live = live
         self.loop = asyncio.get_running_loop()
         limits = live.limits
@@ -212,14 +446,23 @@ class Worker:
         settings = live.access_log
         self.access_log = (AccessLog(settings.path) if settings is not None and settings.enabled
                            else None)
-        self.sessions: set[HttpSession] = set()
+        self.sessions: set[HttpSession | H2Session] = set()
         self.open_connections = 0
+        self.clients = Clients()
         # Per-connection metrics, batched (see metrics.py): three labels() lookups
         # (~0.9 us each), three counter writes (~0.7 us) and a histogram observe
         # (~1.5 us) were ~6 us per connection.
         self.handshakes_ok: dict[str, metrics.BatchedCounter] = {}
         self.handshake_seconds = metrics.batched_histogram(metrics.HANDSHAKE_SECONDS)
         self.active = metrics.batched_counter(metrics.ACTIVE_CONNECTIONS, "https")
+        self.active_http = metrics.batched_counter(metrics.ACTIVE_CONNECTIONS, "http")
+        # PROXY headers read, by whether they were LOCAL.
+        self.proxy_results = {
+            False: metrics.batched_counter(metrics.PROXY_PROTOCOL, "ok"),
+            True: metrics.batched_counter(metrics.PROXY_PROTOCOL, "local")}
+        self.http_port = http_sock.getsockname()[1]
+        self._https_proxy = https_proxy
+        self._http_proxy = http_proxy
         self.draining = False
         self._https_sock = https_sock
         self._http_sock = http_sock
@@ -229,25 +472,39 @@ class Worker:
         loop = self.loop
         metrics.start_flushing(loop)
         self._servers.append(await loop.create_server(
-            lambda: TlsAccept(self), sock=self._https_sock, backlog=1024))
+            lambda: TlsAccept(self, self._https_proxy), sock=self._https_sock, backlog=1024))
         self._servers.append(await loop.create_server(
-            lambda: PlainHttpSession(self.live), sock=self._http_sock, backlog=1024))
+            lambda: PlainAccept(self, self._http_proxy), sock=self._http_sock, backlog=1024))
 
-    def session_closed(self, session: HttpSession) -> None:
+    def session_closed(self, session: HttpSession | H2Session) -> None:
         if session in self.sessions:
             self.sessions.discard(session)
-            self.active.pending -= 1
+            (self.active if session.scheme == "https" else self.active_http).pending -= 1
+        self.connection_closed(session.peer)
+
+    def connection_closed(self, client: str | None) -> None:
+        """An accepted connection (counted in open_connections and, once admitted, per
+        client: None before) closed."""
         self.open_connections -= 1
+        if client is not None:
+            self.clients.release(client)
 
     async def drain(self, deadline: float) -> None:
-        """Stop accepting, let in-flight requests finish, close the rest at `deadline`."""
+        """Stop accepting, let in-flight requests finish, close the rest at `deadline`.
+
+        Waits for requests in flight, never for clients to close their side: idle
+        connections are closed at once, and each connection's TCP side is closed as
+        soon as our last byte has been handed to it (`HttpSession.release`).
+        """
         self.draining = True
         for server in self._servers:
             server.close()
         for session in list(self.sessions):
             session.drain()
         # Polled rather than signalled: drain runs once per process lifetime.
-        while self.sessions and time.monotonic() < deadline:  # noqa: ASYNC110
+        while self.sessions and time.monotonic() < deadline:
+            for session in list(self.sessions):
+                session.release()
             await asyncio.sleep(0.05)
         for session in list(self.sessions):
             session.abort()

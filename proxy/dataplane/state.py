@@ -12,7 +12,7 @@ import ssl
 from collections.abc import Awaitable, Callable, Mapping
 
 from proxy.certs.table import CertEntry, CertSelector
-from proxy.config import AccessLog, Limits
+from proxy.config import AccessLogSettings, Limits
 from proxy.routing import RouteTable
 
 
@@ -27,7 +27,7 @@ class Live:
                  challenges: Mapping[str, str] | None = None,
                  trusted_proxies: tuple[str, ...] = (),
                  reject_misdirected: bool = True,
-                 access_log: AccessLog | None = None) -> None:
+                 access_log: AccessLogSettings | None = None) -> None:
         self.selector = selector
         # The context every handshake starts with; its sni_callback picks the
         # certificate's own context from `selector`.

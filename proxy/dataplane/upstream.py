@@ -3,8 +3,9 @@
 Owns the sockets to the apps' backends. A connection goes back to the pool only when
 its response was read to the end and both sides allow keep-alive; a connection whose
 response was cut short is closed, never reused. Per backend and worker: at most
-`max_connections` open at once, at most `queue` requests waiting beyond that, and a
-backend that refused or timed out a connection is quarantined for a while. A
+`max_connections` open at once, at most `queue` requests waiting beyond that (served
+in turn between client addresses), and a backend that refused or timed out a
+connection is quarantined for a while. A
 response head that breaks the rules in `checks` fails the exchange (502), never
 reaches the client. Runs on the worker's loop only; knows nothing of the client side
 except the ResponseSink interface.
@@ -13,7 +14,6 @@ except the ResponseSink interface.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import time
 from collections import deque
 from collections.abc import Sequence
@@ -340,15 +340,68 @@ def _framing(status: int, te: bytes | None, has_length: bool, head_only: bool) -
 
 
 class _BackendState:
-    """Per backend: idle connections, how many are open, who waits, quarantine."""
+    """Per backend: idle connections, how many are open, who waits, quarantine.
 
-    __slots__ = ("idle", "open", "quarantined_until", "waiters")
+    The wait queue is fair between client addresses: one queue per client, served in
+    turn (a client that got a connection goes to the back of the turn), and when the
+    queue is full a newcomer takes the place of the newest waiter of the client that
+    has the most waiting. One client's flood then neither fills the queue nor takes
+    every connection that frees up.
+    """
+
+    __slots__ = ("idle", "open", "quarantined_until", "waiters", "waiting")
 
     def __init__(self) -> None:
         self.idle: list[UpstreamConnection] = []
         self.open = 0
-        self.waiters: deque[asyncio.Future[None]] = deque()
+        # Client address -> its waiters, oldest first; dict order is the turn.
+        self.waiters: dict[str, deque[asyncio.Future[None]]] = {}
+        self.waiting = 0
         self.quarantined_until = 0.0
+
+    def enqueue(self, client: str, waiter: asyncio.Future[None]) -> None:
+        queue = self.waiters.get(client)
+        if queue is None:
+            queue = self.waiters[client] = deque()
+        queue.append(waiter)
+        self.waiting += 1
+
+    def next_waiter(self) -> asyncio.Future[None] | None:
+        """The first waiter of the client whose turn it is (it moves to the back)."""
+        waiters = self.waiters
+        if not waiters:
+            return None
+        client = next(iter(waiters))
+        queue = waiters.pop(client)
+        waiter = queue.popleft()
+        if queue:
+            waiters[client] = queue
+        self.waiting -= 1
+        return waiter
+
+    def remove(self, client: str, waiter: asyncio.Future[None]) -> None:
+        queue = self.waiters.get(client)
+        if queue is None or waiter not in queue:
+            return
+        queue.remove(waiter)
+        self.waiting -= 1
+        if not queue:
+            del self.waiters[client]
+
+    def make_room(self, client: str) -> bool:
+        """The queue is full: refuse the newest waiter of the client with the most
+        waiting, when that is more than `client` would have; False: refuse `client`."""
+        longest, queue = max(self.waiters.items(), key=lambda item: len(item[1]))
+        mine = self.waiters.get(client)
+        if len(queue) <= (len(mine) if mine is not None else 0) + 1:
+            return False
+        victim = queue.pop()
+        self.waiting -= 1
+        if not queue:
+            del self.waiters[longest]
+        if not victim.done():
+            victim.set_exception(PoolFull())
+        return True
 
 
 class UpstreamPool:
@@ -441,8 +494,10 @@ class UpstreamPool:
                 conn.transport.close()  # `lost` will free its slot
         return None
 
-    async def acquire(self, backend: Backend) -> tuple[UpstreamConnection, bool]:
-        """A connection to `backend` and whether it was reused from the pool.
+    async def acquire(self, backend: Backend,
+                      client: str = "") -> tuple[UpstreamConnection, bool]:
+        """A connection to `backend` and whether it was reused from the pool; waits in
+        `client`'s queue when every connection is busy (see _BackendState).
 
         Raises PoolFull (queue full), TimeoutError or OSError (connect failed).
         """
@@ -458,18 +513,21 @@ class UpstreamPool:
                     conn.transport.close()  # `lost` will free its slot
             if state.open < self.max_connections:
                 break
-            if len(state.waiters) >= self.queue:
+            if state.waiting >= self.queue and not state.make_room(client):
                 metrics.LIMITS_HIT.labels("backend_queue").inc()
                 raise PoolFull
             waiter = self._loop.create_future()
-            state.waiters.append(waiter)
+            state.enqueue(client, waiter)
             try:
                 await waiter
+            except PoolFull:
+                metrics.LIMITS_HIT.labels("backend_queue").inc()
+                raise  # a client with fewer waiting took our place (make_room)
             except asyncio.CancelledError:
                 if waiter.done() and not waiter.cancelled():
                     self._wake(state)  # our turn came as we left: pass it on
                 else:
-                    with_removed(state.waiters, waiter)
+                    state.remove(client, waiter)
                 raise
         state.open += 1
         try:
@@ -487,6 +545,11 @@ class UpstreamPool:
         """Give back a connection whose last response was read to the end."""
         if not conn.usable:
             return
+        if conn.backend.send_proxy:
+            # It opened with one client's PROXY header: never another client's.
+            if conn.transport is not None:
+                conn.transport.close()
+            return
         state = self._state(conn.backend)
         conn.idle_since = time.monotonic()
         state.idle.append(conn)
@@ -503,9 +566,9 @@ class UpstreamPool:
         self._wake(state)
 
     def _wake(self, state: _BackendState) -> None:
-        while state.waiters:
-            waiter = state.waiters.popleft()
-            if not waiter.done():
+        while state.waiters:  # usually empty: one test, as before the queue was fair
+            waiter = state.next_waiter()
+            if waiter is not None and not waiter.done():
                 waiter.set_result(None)
                 return
 
@@ -516,7 +579,3 @@ class UpstreamPool:
                     conn.transport.close()
             state.idle.clear()
 
-
-def with_removed(items: deque[asyncio.Future[None]], item: asyncio.Future[None]) -> None:
-    with contextlib.suppress(ValueError):
-        items.remove(item)

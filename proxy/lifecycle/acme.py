@@ -1,4 +1,4 @@
-"""The ACME client of the lifecycle: accounts, HTTP-01 orders and ARI renewal windows.
+"""The ACME client of the lifecycle: accounts, HTTP-01 and DNS-01 orders, ARI windows.
 
 Certbot's synchronous `acme` package runs here on a thread pool this module owns; the
 public API is async and never blocks the event loop. It never logs or stores a private
@@ -14,12 +14,14 @@ import datetime
 import email.utils
 import functools
 import logging
+import os
 import re
 import threading
 import time
+import urllib.request
 from collections.abc import Callable, Coroutine, Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Literal, Protocol, TypeVar
 
 import josepy.errors
@@ -28,15 +30,16 @@ from acme import challenges, messages
 from acme import errors as acme_errors
 from acme.client import ClientNetwork, ClientV2
 from cryptography import x509
-from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
-from cryptography.x509.oid import NameOID
 from josepy import jwa, jwk
 
+from proxy.certs.csr import csr_pem, new_key, private_key_pem
 from proxy.errors import IssuanceError
 
-__all__ = ["PERMANENT_PROBLEMS", "Account", "AcmeClient", "AcmeSettings",
-           "ChallengePublisher", "Issued"]
+__all__ = ["PERMANENT_PROBLEMS", "Account", "AccountUnknown", "AcmeClient",
+           "AcmeSettings", "AuthorizationFailed", "ChallengePublisher", "Dns01Publisher",
+           "Issued", "IssuerUnavailable", "RateLimited", "RenewalInfo"]
 
 log = logging.getLogger(__name__)
 
@@ -48,7 +51,6 @@ _BADNONCE_ROUNDS = 5  # each round is acme's own try + one retry: up to 10 sends
 _CALLBACK_TIMEOUT = 30.0  # publish/withdraw on the caller's loop (may write to etcd)
 _CALLBACK_SLICE = 0.05  # how often a waiting flow looks whether it was cancelled
 _MAX_POLL_INTERVAL = 2.0  # polling backs off towards this, so a real CA is not hammered
-_CN_MAX = 64  # X.520 ub-common-name; longer names go in the SAN only
 
 PERMANENT_PROBLEMS = frozenset({
     # The request itself is wrong: sending it again gives the same answer.
@@ -63,8 +65,12 @@ Everything else is retryable with backoff, deliberately including the validation
 failures (unauthorized, incorrectResponse, dns, connection, tls, unknownHost): for a
 PaaS they mostly mean DNS not yet propagated or the customer still moving the domain,
 which fixes itself without anyone telling us. rateLimited is retryable with
-retry_after; accountDoesNotExist means "call ensure_account again", then retry.
+retry_after; accountDoesNotExist means "register an account again", then retry
+(AccountUnknown).
 """
+
+_ENVIRONMENT_MATTERS = bool(urllib.request.getproxies()) or any(
+    os.environ.get(v) for v in ("REQUESTS_CA_BUNDLE", "CURL_CA_BUNDLE", "NETRC"))
 
 _RATE_LIMIT_UNTIL = re.compile(r"retry after (\d{4}-\d\d-\d\d[ T]\d\d:\d\d:\d\d)(?:Z| UTC)?",
                                re.IGNORECASE)
@@ -83,6 +89,10 @@ class AcmeSettings:
     key_type: Literal["ecdsa", "rsa"] = "ecdsa"
     poll_interval: float = 0.05
     order_timeout: float = 90.0
+    # External Account Binding (RFC 8555 7.3.4) for CAs that require it: the key id and
+    # the base64url HMAC key the CA gave (a secret: never shown).
+    eab_kid: str = ""
+    eab_hmac_key: str = field(default="", repr=False)
 
 
 @dataclass(frozen=True)
@@ -112,6 +122,24 @@ class ChallengePublisher(Protocol):
     async def withdraw(self, token: str) -> None: ...
 
 
+class Dns01Publisher(Protocol):
+    """Puts a DNS-01 TXT value where the CA looks for `identifier` (lifecycle/dns01.py).
+
+    `publish_txt` returns once the zone's authoritative servers all answer the value
+    (at most `timeout` seconds); other values at the same name stay (a wildcard and
+    its apex are validated at once). Both run on the loop that awaited the order.
+    """
+
+    timeout: float
+
+    async def publish_txt(self, identifier: str, value: str) -> None: ...
+
+    async def withdraw_txt(self, identifier: str, value: str) -> None: ...
+
+
+_Undo = Callable[[], Coroutine[Any, Any, None]]  # withdraws one published challenge
+
+
 @dataclass(frozen=True)
 class Issued:
     """A new certificate: fullchain PEM (leaf first) and its key (PKCS8 PEM, unencrypted)."""
@@ -123,6 +151,47 @@ class Issued:
         return f"Issued(chain_pem=<{len(self.chain_pem)} bytes>, key_pem=<hidden>)"
 
 
+class AccountUnknown(IssuanceError):
+    """The CA refused the request because of the account itself: it no longer knows it
+    (accountDoesNotExist: a CA database reset, a pebble restart) or no longer accepts it
+    (unauthorized, naming the account: deactivated). Registering a new account and
+    sending the request again is the cure; nothing else is."""
+
+
+class RateLimited(IssuanceError):
+    """The CA refused for a rate limit (429, rateLimited) until `retry_after`: the
+    account's (`account`) or the names' (a registered domain, a name set)."""
+
+    def __init__(self, message: str, *, retry_after: float | None, account: bool) -> None:
+        super().__init__(message, retry_after=retry_after)
+        self.account = account
+
+
+class IssuerUnavailable(IssuanceError):
+    """The CA took no request: unreachable (`status` 0) or answering HTTP `status` 5xx
+    (a 503 asks for a pause until `retry_after`). Another CA may serve meanwhile."""
+
+    def __init__(self, message: str, *, status: int = 0,
+                 retry_after: float | None = None) -> None:
+        super().__init__(message, retry_after=retry_after)
+        self.status = status
+
+
+class AuthorizationFailed(IssuanceError):
+    """The order became invalid: the CA could not validate its names (each counts as a
+    failed authorization toward the CA's limits)."""
+
+
+@dataclass(frozen=True)
+class RenewalInfo:
+    """The CA's renewal information for one certificate (RFC 9773): the suggested
+    window as unix times, and the seconds its Retry-After asks us to wait before asking
+    again (None: the CA did not say)."""
+
+    window: tuple[float, float]
+    retry_after: float | None
+
+
 # --------------------------------------------------------------------------- network
 
 
@@ -131,13 +200,14 @@ class _PatientNetwork(ClientNetwork):
 
     acme retries a badNonce once; pebble rejects 5 % of nonces, so two in a row happen
     about once in 400 POSTs. A request refused for badNonce was not processed (RFC 8555
-    6.5), so sending it again is safe. One instance per flow: nonces and the
-    requests.Session are not shared between threads.
+    6.5), so sending it again is safe. One instance per worker thread (AcmeClient.network):
+    nonces and the requests.Session are not shared between threads.
     """
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self.retry_after: str | None = None
+        self.status = 0  # of the last answer: a problem document does not carry it
 
     def post(self, *args: Any, **kwargs: Any) -> requests.Response:
         for _ in range(_BADNONCE_ROUNDS - 1):
@@ -153,6 +223,7 @@ class _PatientNetwork(ClientNetwork):
         response = super()._send_request(method, url, *args, **kwargs)
         # messages.Error does not carry the response: keep the header for the error path.
         self.retry_after = response.headers.get("Retry-After")
+        self.status = response.status_code
         return response
 
 
@@ -199,10 +270,23 @@ def _is_permanent(problem: messages.Error) -> bool:
     return _problem_code(problem) in PERMANENT_PROBLEMS
 
 
-def _problem_error(prefix: str, problem: messages.Error, header: str | None) -> IssuanceError:
-    return IssuanceError(f"{prefix}{_problem_text(problem)}",
-                         retry_after=_retry_after_seconds(header, problem),
-                         permanent=_is_permanent(problem))
+def _account_problem(problem: messages.Error) -> bool:
+    """Whether a problem answered to a request (not an order's validation result) is
+    about the account: `unauthorized` also reports failed challenges, so it counts only
+    when its text names the account."""
+    code = _problem_code(problem)
+    return code == "accountDoesNotExist" or (
+        code == "unauthorized" and "account" in (problem.detail or "").lower())
+
+
+def _problem_error(prefix: str, problem: messages.Error, header: str | None,
+                   kind: type[IssuanceError] = IssuanceError) -> IssuanceError:
+    text = f"{prefix}{_problem_text(problem)}"
+    retry_after = _retry_after_seconds(header, problem)
+    if _problem_code(problem) == "rateLimited":
+        return RateLimited(text, retry_after=retry_after,
+                           account="account" in (problem.detail or "").lower())
+    return kind(text, retry_after=retry_after, permanent=_is_permanent(problem))
 
 
 # --------------------------------------------------------------------------- keys
@@ -221,27 +305,6 @@ def _account_jwk(key_pem: str) -> tuple[jwk.JWK, jwa.JWASignature]:
     if isinstance(key, rsa.RSAPrivateKey):
         return jwk.JWKRSA(key=key), jwa.RS256
     raise IssuanceError("ACME account key must be ECDSA or RSA", permanent=True)
-
-
-def _pkcs8(key: ec.EllipticCurvePrivateKey | rsa.RSAPrivateKey) -> bytes:
-    return key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
-                             serialization.NoEncryption())
-
-
-def _certificate_key(key_type: str) -> ec.EllipticCurvePrivateKey | rsa.RSAPrivateKey:
-    if key_type == "rsa":
-        return rsa.generate_private_key(public_exponent=65537, key_size=2048)
-    return ec.generate_private_key(ec.SECP256R1())
-
-
-def _csr_pem(key: ec.EllipticCurvePrivateKey | rsa.RSAPrivateKey, domain: str) -> bytes:
-    subject = ([x509.NameAttribute(NameOID.COMMON_NAME, domain)]
-               if len(domain) <= _CN_MAX else [])
-    csr = (x509.CertificateSigningRequestBuilder()
-           .subject_name(x509.Name(subject))
-           .add_extension(x509.SubjectAlternativeName([x509.DNSName(domain)]), critical=False)
-           .sign(key, hashes.SHA256()))
-    return csr.public_bytes(serialization.Encoding.PEM)
 
 
 def _ari_cert_id(cert: x509.Certificate) -> str | None:
@@ -266,7 +329,8 @@ def _ari_cert_id(cert: x509.Certificate) -> str | None:
 
 
 class _Flow:
-    """One account operation or order on one worker thread, with its own ClientNetwork.
+    """One account operation or order on one worker thread, with that thread's
+    ClientNetwork (AcmeClient.network).
 
     `cancelled` is set from the loop when the awaiting task is cancelled: waits end
     early and the flow stops at its next step (tokens are still withdrawn).
@@ -280,15 +344,10 @@ class _Flow:
         self.net: _PatientNetwork | None = None
 
     def client(self, key_pem: str, uri: str | None) -> ClientV2:
-        key, alg = _account_jwk(key_pem)
-        settings = self.owner.settings
-        verify: Any = settings.ca_bundle or True  # requests takes a path; acme types a bool
-        self.net = _PatientNetwork(key, alg=alg, verify_ssl=verify, user_agent=_USER_AGENT,
-                                   timeout=_NETWORK_TIMEOUT)
+        self.net = self.owner.network(key_pem)
         client = ClientV2(self.owner.directory(self.net), self.net)
-        if uri is not None:
-            self.net.account = messages.RegistrationResource(uri=uri,
-                                                             body=messages.Registration())
+        self.net.account = (None if uri is None else
+                            messages.RegistrationResource(uri=uri, body=messages.Registration()))
         return client
 
     @contextmanager
@@ -300,22 +359,35 @@ class _Flow:
             raise
         except messages.Error as problem:
             header = self.net.retry_after if self.net is not None else None
-            raise _problem_error(f"{what}: ", problem, header) from None
+            error = _problem_error(f"{what}: ", problem, header)
+            status = self.net.status if self.net is not None else 0
+            if status >= 500 and not isinstance(error, RateLimited):
+                raise IssuerUnavailable(str(error), status=status,
+                                        retry_after=error.retry_after) from None
+            if _account_problem(problem):
+                raise AccountUnknown(str(error), retry_after=error.retry_after) from None
+            raise error from None
         except (requests.ConnectionError, requests.Timeout) as exc:
-            raise IssuanceError(f"ACME server unreachable: {_reason(exc)}") from None
+            raise IssuerUnavailable(f"ACME server unreachable: {_reason(exc)}") from None
         except requests.RequestException as exc:
             raise IssuanceError(f"{what}: request to the ACME server failed: {_reason(exc)}"
                                 ) from None
         except acme_errors.ClientError as exc:
-            raise IssuanceError(f"{what}: unexpected answer from the ACME server: "
-                                f"{_client_error_text(exc)}",
-                                retry_after=_retry_after_seconds(
-                                    self.net.retry_after if self.net else None, None)) from None
+            text = f"{what}: unexpected answer from the ACME server: {_client_error_text(exc)}"
+            retry_after = _retry_after_seconds(self.net.retry_after if self.net else None, None)
+            status = exc.args[0].status_code if exc.args and isinstance(
+                exc.args[0], requests.Response) else 0
+            if status == 429:
+                raise RateLimited(text, retry_after=retry_after, account=True) from None
+            if status >= 500:
+                raise IssuerUnavailable(text, status=status, retry_after=retry_after) from None
+            raise IssuanceError(text, retry_after=retry_after) from None
         except (acme_errors.Error, josepy.errors.Error, ValueError, KeyError) as exc:
             raise IssuanceError(f"{what}: invalid answer from the ACME server: "
                                 f"{type(exc).__name__}: {exc}") from None
 
-    def call(self, coro: Coroutine[Any, Any, None], *, cancellable: bool = True) -> None:
+    def call(self, coro: Coroutine[Any, Any, None], *, cancellable: bool = True,
+             timeout: float = _CALLBACK_TIMEOUT) -> None:
         """Run a publisher coroutine on the caller's loop and wait for it.
 
         Waits in short slices so that a cancelled order stops waiting for a publish
@@ -326,7 +398,7 @@ class _Flow:
         except RuntimeError:  # the loop is closed: nobody is waiting for this order
             coro.close()
             raise
-        deadline = time.monotonic() + _CALLBACK_TIMEOUT
+        deadline = time.monotonic() + timeout
         while True:
             try:
                 future.result(_CALLBACK_SLICE)
@@ -384,8 +456,30 @@ class AcmeClient:
             max_workers=max_workers, thread_name_prefix="acme")
         self._directory: messages.Directory | None = None
         self._directory_lock = threading.Lock()
+        self._local = threading.local()
 
     # -- plumbing
+
+    def network(self, key_pem: str) -> _PatientNetwork:
+        """This worker thread's ClientNetwork for an account key, kept for its next
+        flows: its HTTPS connection and its nonces save each order a TLS handshake and
+        a newNonce request. Never shared between threads (nonces, requests.Session)."""
+        nets: dict[str, _PatientNetwork] = self._local.__dict__.setdefault("nets", {})
+        net = nets.get(key_pem)
+        if net is None:
+            for old in nets.values():  # the account was replaced: its key is done with
+                old.session.close()
+            nets.clear()
+            key, alg = _account_jwk(key_pem)
+            verify: Any = self.settings.ca_bundle or True  # requests takes a path too
+            net = nets[key_pem] = _PatientNetwork(
+                key, alg=alg, verify_ssl=verify, user_agent=_USER_AGENT,
+                timeout=_NETWORK_TIMEOUT)
+            # requests reads the proxy and CA variables of the environment at every
+            # request (a fifth of an order's CPU, measured): only when one is set.
+            net.session.trust_env = _ENVIRONMENT_MATTERS
+        net.retry_after, net.status = None, 0
+        return net
 
     def directory(self, net: ClientNetwork) -> messages.Directory:
         """The CA's directory, fetched once (its URLs do not change while it runs)."""
@@ -430,7 +524,7 @@ class AcmeClient:
             log.warning("ACME account %s is unknown to %s; registering its key again",
                         existing.uri, settings.directory)
             return self._register(flow, existing.key_pem, existing.email or settings.email)
-        key_pem = _pkcs8(ec.generate_private_key(ec.SECP256R1())).decode()
+        key_pem = private_key_pem(new_key("ecdsa")).decode()
         return self._register(flow, key_pem, settings.email)
 
     def _lookup_account(self, flow: _Flow, key_pem: str) -> str | None:
@@ -448,43 +542,68 @@ class AcmeClient:
         return str(regr.uri)
 
     def _register(self, flow: _Flow, key_pem: str, email_address: str) -> Account:
-        with flow.errors("ACME account registration"):
-            client = flow.client(key_pem, None)
-            registration = messages.NewRegistration.from_data(
-                email=email_address or None, terms_of_service_agreed=True)
-            try:
-                uri = str(client.new_account(registration).uri)
-            except acme_errors.ConflictError as found:  # this key already has an account
-                uri = str(found.location)
+        try:
+            with flow.errors("ACME account registration"):
+                client = flow.client(key_pem, None)
+                binding = None
+                if self.settings.eab_kid:
+                    binding = messages.ExternalAccountBinding.from_data(
+                        account_public_key=_account_jwk(key_pem)[0].public_key(),
+                        kid=self.settings.eab_kid, hmac_key=self.settings.eab_hmac_key,
+                        directory=client.directory)
+                registration = messages.NewRegistration.from_data(
+                    email=email_address or None, terms_of_service_agreed=True,
+                    external_account_binding=binding)
+                try:
+                    uri = str(client.new_account(registration).uri)
+                except acme_errors.ConflictError as found:  # this key already has one
+                    uri = str(found.location)
+        except IssuanceError as exc:
+            text = str(exc).lower()
+            if not self.settings.eab_kid or not any(
+                    word in text for word in ("error:unauthorized", "error:malformed",
+                                              "externalaccount", "external account")):
+                raise
+            # A wrong kid or HMAC key: only a person with the CA's values can fix it.
+            raise IssuanceError(f"{self.settings.directory} refused the External Account "
+                                f"Binding (kid {self.settings.eab_kid!r}; check the issuer's "
+                                f"eab.kid and eab.hmac_key_file): {exc}",
+                                permanent=True) from None
         log.info("registered ACME account %s at %s", uri, self.settings.directory)
         return Account(self.settings.directory, uri, key_pem, email_address)
 
     # -- orders
 
     async def order(self, account: Account, domain: str,
-                    publisher: ChallengePublisher) -> Issued:
-        """Order a certificate for `domain` with HTTP-01; return the chain and a new key.
+                    publisher: ChallengePublisher, *, also: tuple[str, ...] = (),
+                    dns: Dns01Publisher | None = None) -> Issued:
+        """Order a certificate for `domain` (and the names `also`) with HTTP-01, or with
+        DNS-01 through `dns`; return the chain and a new key.
 
-        Tokens are published through `publisher` before each challenge is answered and
-        withdrawn afterwards, whatever happens. Takes at most about
-        settings.order_timeout seconds. IssuanceError carries the CA's problem.
+        Tokens are published through `publisher` (TXT values through `dns`) before each
+        challenge is answered and withdrawn afterwards, whatever happens. Takes at most
+        about settings.order_timeout seconds. IssuanceError carries the CA's problem.
         """
-        return await self._run(functools.partial(self._order_sync, account, domain, publisher))
+        return await self._run(functools.partial(self._order_sync, account, domain, publisher,
+                                                 also, dns))
 
     def _order_sync(self, account: Account, domain: str, publisher: ChallengePublisher,
-                    flow: _Flow) -> Issued:
+                    also: tuple[str, ...], dns: Dns01Publisher | None, flow: _Flow) -> Issued:
         started = time.monotonic()
-        deadline = started + self.settings.order_timeout
-        key = _certificate_key(self.settings.key_type)
-        csr_pem = _csr_pem(key, domain)
-        published: list[str] = []
+        deadline = started + self.settings.order_timeout + (dns.timeout if dns else 0.0)
+        key = new_key(self.settings.key_type)
+        csr = csr_pem(key, domain, also)
+        published: list[_Undo] = []
         what = f"order for {domain}"
         try:
             with flow.errors(what):
                 client = flow.client(account.key_pem, account.uri)
-                orderr = client.new_order(csr_pem)
+                orderr = client.new_order(csr)
                 for authzr in orderr.authorizations:
-                    self._answer(flow, client, authzr, publisher, published)
+                    if dns is not None:
+                        self._answer_dns01(flow, client, authzr, dns, published)
+                    else:
+                        self._answer(flow, client, authzr, publisher, published)
                 body = self._poll(flow, client, orderr, deadline, until="ready")
                 if body.status == messages.STATUS_READY:
                     client.begin_finalization(orderr)
@@ -492,12 +611,12 @@ class AcmeClient:
                 assert body.certificate is not None
                 chain = self._post_as_get(client, body.certificate).content
         finally:
-            self._withdraw(flow, publisher, published)
+            self._withdraw(flow, published)
         log.info("issued a certificate for %s in %.2f s", domain, time.monotonic() - started)
-        return Issued(chain, _pkcs8(key))
+        return Issued(chain, private_key_pem(key))
 
     def _answer(self, flow: _Flow, client: ClientV2, authzr: messages.AuthorizationResource,
-                publisher: ChallengePublisher, published: list[str]) -> None:
+                publisher: ChallengePublisher, published: list[_Undo]) -> None:
         """Publish and answer the HTTP-01 challenge of one authorization, if still needed."""
         if authzr.body.status != messages.STATUS_PENDING:
             return  # valid (reused) or already decided: the order's status tells the rest
@@ -509,7 +628,7 @@ class AcmeClient:
         assert flow.net is not None and flow.net.key is not None
         response, validation = challb.response_and_validation(flow.net.key)
         token = str(challb.chall.encode("token"))
-        published.append(token)
+        published.append(lambda: publisher.withdraw(token))
         try:
             flow.call(publisher.publish(token, validation))
         except Exception as exc:
@@ -517,12 +636,36 @@ class AcmeClient:
         if challb.status == messages.STATUS_PENDING:
             client.answer_challenge(challb, response)
 
-    def _withdraw(self, flow: _Flow, publisher: ChallengePublisher, tokens: list[str]) -> None:
-        for token in tokens:
+    def _answer_dns01(self, flow: _Flow, client: ClientV2,
+                      authzr: messages.AuthorizationResource, dns: Dns01Publisher,
+                      published: list[_Undo]) -> None:
+        """Publish and answer the DNS-01 challenge of one authorization, if still needed."""
+        if authzr.body.status != messages.STATUS_PENDING:
+            return
+        identifier = str(authzr.body.identifier.value)  # "x" for "*.x" too
+        challb = next((c for c in authzr.body.challenges
+                       if isinstance(c.chall, challenges.DNS01)), None)
+        if challb is None:
+            raise IssuanceError(f"the CA offers no DNS-01 challenge for {identifier}",
+                                permanent=True)
+        assert flow.net is not None and flow.net.key is not None
+        response, value = challb.response_and_validation(flow.net.key)
+        published.append(lambda: dns.withdraw_txt(identifier, value))
+        try:
+            flow.call(dns.publish_txt(identifier, value), timeout=dns.timeout)
+        except IssuanceError:
+            raise  # says which server refused what
+        except Exception as exc:
+            raise IssuanceError(f"could not publish the DNS-01 challenge: {exc!r}") from None
+        if challb.status == messages.STATUS_PENDING:
+            client.answer_challenge(challb, response)
+
+    def _withdraw(self, flow: _Flow, published: list[_Undo]) -> None:
+        for undo in published:
             try:
-                flow.call(publisher.withdraw(token), cancellable=False)
+                flow.call(undo(), cancellable=False)
             except Exception as exc:  # a stale token is harmless; the order result matters
-                log.warning("could not withdraw HTTP-01 token: %r", exc)
+                log.warning("could not withdraw a challenge: %r", exc)
 
     @staticmethod
     def _post_as_get(client: ClientV2, url: str) -> requests.Response:
@@ -567,7 +710,8 @@ class AcmeClient:
         if problem is None:
             return IssuanceError(f"order for {_order_names(body)} became invalid "
                                  "without a reason from the CA")
-        return _problem_error(f"order for {_order_names(body)} failed: ", problem, None)
+        return _problem_error(f"order for {_order_names(body)} failed: ", problem, None,
+                              AuthorizationFailed)
 
     # -- renewal information
 
@@ -578,10 +722,15 @@ class AcmeClient:
         None when the directory has no renewalInfo, the certificate has no Authority Key
         Identifier, or it has already expired (RFC 9773: do not ask then; renew now).
         """
-        return await self._run(functools.partial(self._renewal_time_sync, account, cert_pem))
+        info = await self.renewal_info(account, cert_pem)
+        return info.window if info is not None else None
 
-    def _renewal_time_sync(self, account: Account, cert_pem: bytes,
-                           flow: _Flow) -> tuple[float, float] | None:
+    async def renewal_info(self, account: Account, cert_pem: bytes) -> RenewalInfo | None:
+        """renewal_time's window with the CA's Retry-After (when to ask again)."""
+        return await self._run(functools.partial(self._renewal_info_sync, account, cert_pem))
+
+    def _renewal_info_sync(self, account: Account, cert_pem: bytes,
+                           flow: _Flow) -> RenewalInfo | None:
         cert = x509.load_pem_x509_certificate(cert_pem)
         if cert.not_valid_after_utc.timestamp() <= time.time():
             return None
@@ -598,7 +747,8 @@ class AcmeClient:
             response = flow.net.get(f"{base_url.rstrip('/')}/{cert_id}")
             info = messages.RenewalInfo.from_json(response.json())
             window = info.suggested_window
-            return window.start.timestamp(), window.end.timestamp()
+            return RenewalInfo((window.start.timestamp(), window.end.timestamp()),
+                               _retry_after_seconds(response.headers.get("Retry-After"), None))
 
 
 def _order_names(body: messages.Order) -> str:

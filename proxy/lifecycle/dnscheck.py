@@ -19,7 +19,7 @@ import dns.nameserver
 import dns.rdatatype
 import dns.resolver
 
-__all__ = ["DnsChecker", "DnsSettings", "DnsVerdict"]
+__all__ = ["DnsChecker", "DnsSettings", "DnsVerdict", "nameserver"]
 
 log = logging.getLogger(__name__)
 
@@ -80,7 +80,7 @@ class DnsChecker:
         self._targets = tuple(dns.name.from_text(t) for t in settings.cname_targets)
         resolver = dns.asyncresolver.Resolver(configure=not settings.resolvers)
         if settings.resolvers:
-            resolver.nameservers = [_nameserver(r) for r in settings.resolvers]
+            resolver.nameservers = [nameserver(r) for r in settings.resolvers]
         resolver.cache = None
         resolver.lifetime = timeout
         resolver.timeout = timeout  # per server; lifetime bounds the whole query
@@ -95,6 +95,32 @@ class DnsChecker:
         a, aaaa = await asyncio.gather(self._query(name, dns.rdatatype.A),
                                        self._query(name, dns.rdatatype.AAAA))
         return self._judge(a, aaaa)
+
+    async def check_delegation(self, name: str, target: str) -> DnsVerdict:
+        """Whether `name` (`_acme-challenge.<domain>`) is a CNAME to `target`: a DNS-01
+        challenge delegated to the platform's zone. The reason names the record to
+        create; never raises for DNS problems."""
+        create = f"create the DNS record {name}. CNAME {target}."
+        try:
+            answer = await self._resolver.resolve(name, dns.rdatatype.CNAME, search=False,
+                                                  raise_on_no_answer=False)
+        except dns.resolver.NXDOMAIN:
+            return DnsVerdict(False, f"{name} does not exist: {create}")
+        except dns.resolver.LifetimeTimeout:
+            return DnsVerdict(False, f"DNS lookup of {name} failed: no answer within "
+                                     f"{self.timeout:g} s")
+        except dns.resolver.NoNameservers as exc:
+            return DnsVerdict(False, f"DNS lookup of {name} failed: {_no_nameservers(exc)}")
+        except dns.exception.DNSException as exc:
+            return DnsVerdict(False, f"DNS lookup of {name} failed: "
+                                     f"{str(exc) or type(exc).__name__}")
+        found = [rd.target for rd in answer.rrset] if answer.rrset is not None else []
+        if dns.name.from_text(target) in found:
+            return DnsVerdict(True, f"{name} is a CNAME to {target}")
+        if found:
+            return DnsVerdict(False, f"{name} is a CNAME to {_text(found[0])}, not to "
+                                     f"{target}: {create}")
+        return DnsVerdict(False, f"{name} has no CNAME record: {create}")
 
     def _judge(self, a: _Lookup, aaaa: _Lookup) -> DnsVerdict:
         cnames = a.cnames or aaaa.cnames
@@ -173,7 +199,7 @@ def _no_nameservers(exc: dns.resolver.NoNameservers) -> str:
     return "; ".join(said) or "every resolver failed"
 
 
-def _nameserver(spec: str) -> dns.nameserver.Nameserver:
+def nameserver(spec: str) -> dns.nameserver.Nameserver:
     """'host:port', '[v6]:port' or a bare address (port 53) as a dnspython nameserver."""
     host, port = spec, 53
     if spec.startswith("["):

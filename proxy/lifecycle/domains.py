@@ -1,6 +1,16 @@
 """The per-domain status machine of the sidecar: DNS check -> lock -> ACME order ->
-store, then renewals. One lifecycle per node; per-domain locks in the store keep two
-lifecycles (two processes or two nodes) from ordering the same certificate.
+store, then renewals (and the CA's renewal window, asked for again as the CA says).
+One lifecycle per node; per-domain locks in the store keep two lifecycles (two
+processes or two nodes) from ordering the same certificate. An order asks the order
+budget first (the CA's rate limits, lifecycle/budget.py: it may wait its turn, said in
+the status) and goes to the CAs of acme.issuers in turn (lifecycle/issuers.py).
+
+It keeps going whatever one domain or one pass does: a store record it cannot decode
+is logged, counted and skipped (its domain waits until the record is fixed); an
+unexpected error in a domain's work puts that domain in Error with a retry time; a
+pass that fails is logged and the next one comes after a backoff. When the CA no
+longer knows the ACME account, a new one is registered (stored for every node, under
+the account lock) and the order is sent again at once.
 
 Never touches the data plane: it writes certificates, statuses and challenge tokens
 to the store, and the workers pick them up from there. Time comes from `clock`, so
@@ -16,18 +26,33 @@ import logging
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
+from typing import TypeVar
+
+import msgspec
 
 from proxy import metrics
-from proxy.certs.bundle import load_bundle
+from proxy.certs.bundle import CertBundle, load_bundle
 from proxy.errors import BundleError, IssuanceError, LockTimeout, StoreError
 from proxy.lifecycle import renewal
-from proxy.lifecycle.acme import Account, AcmeClient
-from proxy.lifecycle.dnscheck import DnsChecker
-from proxy.registry import Registry
+from proxy.lifecycle.acme import Account, AccountUnknown, AcmeClient, Issued
+from proxy.lifecycle.budget import Ask, Budget, Wait, urgency
+from proxy.lifecycle.dns01 import Dns01
+from proxy.lifecycle.dnscheck import DnsChecker, DnsVerdict
+from proxy.lifecycle.issuers import Issuers, current, dispatch
+from proxy.registry import Registry, utc_text
 from proxy.store import records as rec
-from proxy.store.base import Lease, Store
+from proxy.store.base import Item, Lease, Store
 
 log = logging.getLogger("tlsedge.lifecycle")
+
+R = TypeVar("R", bound=rec.Record)
+
+PASS_BACKOFF_MAX = 60.0  # a pass that keeps failing is tried at least once a minute
+
+
+class Unreadable(Exception):
+    """A store record of a domain cannot be decoded (already logged and counted): the
+    domain is left alone until the record changes."""
 
 
 class StoreChallenges:
@@ -61,33 +86,61 @@ class LifecycleSettings:
 class Lifecycle:
     """Drives every Let's Encrypt-enabled domain to a valid, renewed certificate."""
 
-    def __init__(self, store: Store, registry: Registry, acme: AcmeClient, dns: DnsChecker,
-                 settings: LifecycleSettings, *, clock: Callable[[], float] = time.time) -> None:
+    def __init__(self, store: Store, registry: Registry, acme: AcmeClient | Issuers,
+                 dns: DnsChecker, settings: LifecycleSettings, *,
+                 clock: Callable[[], float] = time.time, dns01: Dns01 | None = None,
+                 budget: Budget | None = None) -> None:
         self.store = store
+        # The CAs (acme.issuers) and the order budget that keeps to their rate limits
+        # (none: orders go out as they come, as a lifecycle built for tests has it).
+        self.issuers = acme if isinstance(acme, Issuers) else Issuers.single(
+            store, acme, lock_ttl=settings.lock_ttl)
+        self.budget = budget
+        self.dns01 = dns01  # DNS-01 through the platform's zone (acme.dns01), if set
+        self._sweep_at = 0.0  # when to look for TXT records orders left behind
         self.registry = registry
-        self.acme = acme
         self.dns = dns
         self.settings = settings
         self.clock = clock
-        self._account: Account | None = None
         self._inflight: dict[str, asyncio.Task[None]] = {}
         self._due: dict[str, float] = {}  # name -> when it next needs work
         self._heap: list[tuple[float, str]] = []  # (due, name), stale entries skipped
         self._dirty: set[str] = set()
         self._scanned_at: float | None = None
         self._slots = asyncio.Semaphore(settings.concurrency)
+        self._reported: set[tuple[str, str]] = set()  # (key, error) already logged
+
+    @property
+    def acme(self) -> AcmeClient:
+        """The client of the CA this domain's task orders from (issuers.current)."""
+        return (current.get() or self.issuers.preferred).client
 
     async def run(self, stop: asyncio.Event) -> None:
-        while not stop.is_set():
-            try:
-                await self.tick()
-            except StoreError as exc:
-                metrics.STORE_ERRORS.labels("read").inc()
-                log.warning("lifecycle pass failed: %s", exc)
-            with contextlib.suppress(asyncio.TimeoutError):
-                await asyncio.wait_for(stop.wait(), self.settings.tick)
-        for task in self._inflight.values():
-            task.cancel()
+        """Pass after pass until `stop`. No error ends it: one pass that fails is logged
+        and the next comes after a backoff (as certmagic's maintenance loop recovers
+        from panics): a bug met by one pass must not end issuance and renewal for every
+        domain of the node."""
+        failures = 0
+        try:
+            while not stop.is_set():
+                wait = self.settings.tick
+                try:
+                    await self.tick()
+                    failures = 0
+                except StoreError as exc:
+                    metrics.STORE_ERRORS.labels("read").inc()
+                    log.warning("lifecycle pass failed: %s", exc)
+                except Exception:
+                    failures += 1
+                    metrics.LIFECYCLE_PASS_FAILURES.inc()
+                    wait = min(self.settings.tick * 2 ** min(failures, 10), PASS_BACKOFF_MAX)
+                    log.exception("lifecycle pass failed unexpectedly (%d in a row); "
+                                  "next pass in %.0f s", failures, wait)
+                with contextlib.suppress(asyncio.TimeoutError):
+                    await asyncio.wait_for(stop.wait(), wait)
+        finally:
+            for task in self._inflight.values():
+                task.cancel()
 
     def notify(self, names: Iterable[str]) -> None:
         """These domains (or their statuses or certificates) changed in the store."""
@@ -97,11 +150,13 @@ class Lifecycle:
         """One pass: start work for every domain that needs it; returns the new tasks.
 
         Each domain has a due time (when it next needs a look: now, its DNS re-check,
-        its retry after a failure, its renewal), kept in a heap; a tick pops what is
-        due. A domain's due time is recomputed when it changes (notify), when its work
-        ends, and on every full pass (settings.rescan).
+        its retry after a failure, its renewal, its next ARI poll), kept in a heap; a
+        tick pops what is due. A domain's due time is recomputed when it changes
+        (notify), when its work ends, and on every full pass (settings.rescan).
         """
         now = self.clock()
+        if self.dns01 is not None and now >= self._sweep_at:
+            await self._sweep_dns01(now)
         if self._scanned_at is None or now - self._scanned_at >= self.settings.rescan:
             await self._rescan(now)
         elif self._dirty:
@@ -125,27 +180,46 @@ class Lifecycle:
 
     async def _rescan(self, now: float) -> None:
         self._dirty.clear()  # what changes from here on is seen by the scans or marked again
-        domains = [rec.decode(i.value, rec.DomainRecord)
-                   for i in await self.store.scan(rec.DOMAINS)]
+        domains = self._decoded(await self.store.scan(rec.DOMAINS), rec.DomainRecord)
         cut = len(rec.STATUS)
-        statuses = {i.key[cut:]: rec.decode(i.value, rec.StatusRecord)
-                    for i in await self.store.scan(rec.STATUS)}
+        status_items = await self.store.scan(rec.STATUS)
+        statuses = {key[cut:]: status for key, status
+                    in self._decoded(status_items, rec.StatusRecord).items()}
+        unreadable = {i.key[cut:] for i in status_items} - statuses.keys()
         self._due.clear()
         self._heap = []
-        for domain in domains:
-            if domain.letsencrypt and domain.name not in self._inflight:
-                due = await self._due_time(domain.name, statuses.get(domain.name), now)
-                if due is not None:
-                    self._due[domain.name] = due
+        for domain in domains.values():
+            name = domain.name
+            if not domain.letsencrypt or name in self._inflight or name in unreadable:
+                continue
+            try:
+                self._due[name] = await self._due_time(name, statuses.get(name), now)
+            except Unreadable:
+                continue
         self._heap = [(due, name) for name, due in self._due.items()]
         heapq.heapify(self._heap)
         self._scanned_at = now
 
+    async def _sweep_dns01(self, now: float) -> None:
+        """Remove the DNS-01 TXT records an order left when its process died: at start,
+        then again once the locks that kept some of them have expired, else every 5 min."""
+        assert self.dns01 is not None
+        try:
+            left = await self.dns01.sweep(self.store, self.settings.lock_ttl)
+        except StoreError as exc:
+            log.warning("could not look for stale DNS-01 records: %s", exc)
+            left = 1
+        self._sweep_at = now + (self.settings.lock_ttl if left else 300.0)
+
     async def _refresh(self, name: str, now: float) -> None:
-        domain = await self.registry.domain(name)
         due = None
-        if domain is not None and domain.letsencrypt:
-            due = await self._due_time(name, await self.registry.status(name), now)
+        try:
+            domain = await self._read(rec.domain_key(name), rec.DomainRecord)
+            if domain is not None and domain.letsencrypt:
+                status = await self._read(rec.status_key(name), rec.StatusRecord)
+                due = await self._due_time(name, status, now)
+        except Unreadable:
+            due = None
         if due is None:
             self._due.pop(name, None)
         else:
@@ -163,16 +237,55 @@ class Lifecycle:
         while self._inflight:
             await asyncio.gather(*self._inflight.values(), return_exceptions=True)
 
+    # -- reading the store ----------------------------------------------------------
+
+    def _decoded(self, items: list[Item], kind: type[R]) -> dict[str, R]:
+        """A scan's records by key; an unreadable one is reported and left out."""
+        found = {}
+        for item in items:
+            try:
+                found[item.key] = rec.decode(item.value, kind)
+            except msgspec.DecodeError as exc:
+                self._unreadable(item.key, exc)
+        return found
+
+    async def _read(self, key: str, kind: type[R]) -> R | None:
+        """One record, or None; Unreadable (reported) when it cannot be decoded."""
+        item = await self.store.get(key)
+        if item is None:
+            return None
+        try:
+            return rec.decode(item.value, kind)
+        except msgspec.DecodeError as exc:
+            self._unreadable(key, exc)
+            raise Unreadable(key) from None
+
+    def _unreadable(self, key: str, exc: Exception) -> None:
+        # The sync side (StoreState.apply) skips such a record too; here its domain is
+        # not ordered or renewed, so it is said once per record and error, and counted
+        # each time it is skipped (an alert sees it still there).
+        prefix = key.split("/", 1)[0] if key.startswith((rec.DOMAINS, rec.STATUS)) else "other"
+        metrics.LIFECYCLE_SKIPPED_RECORDS.labels(prefix).inc()
+        if (key, str(exc)) not in self._reported:
+            self._reported.add((key, str(exc)))
+            log.error("skipping unreadable store record %s: %s (its domain is not ordered "
+                      "or renewed until the record is fixed)", key, exc)
+
+    # -- when ---------------------------------------------------------------------------
+
     async def _due_time(self, name: str, status: rec.StatusRecord | None,
-                        now: float) -> float:
-        """When `name` next needs work; `now` or earlier means at once."""
+                        now: float, *, ari: bool = True) -> float:
+        """When `name` next needs work; `now` or earlier means at once. Without `ari`:
+        when it next needs an order (an ARI poll alone is not one)."""
         if status is not None and status.retry_at > now:
             return status.retry_at  # backing off after a failure
         if status is not None and status.state == "issued" and status.renew_at > now:
             # Written with the certificate: no need to read it (PEM and all) to know
             # it is valid and not due.
+            if ari and 0 < status.ari_at < status.renew_at:
+                return status.ari_at  # ask the CA whether its window moved
             return status.renew_at
-        acme = await self.registry.certificate(name, "acme")
+        acme = await self._read(rec.cert_key(name, "acme"), rec.CertMeta)
         if acme is not None and now < acme.not_after:
             # Valid, or valid in a moment (a CA clock slightly ahead of ours): either
             # way we hold it, and only its renewal time says when to order again.
@@ -182,15 +295,27 @@ class Lifecycle:
             return now
         return status.next_dns_check
 
+    # -- the work -----------------------------------------------------------------------
+
     async def _work(self, name: str) -> None:
         async with self._slots:
             try:
                 await self._obtain(name)
-            except Exception:  # one domain's bug must not stop the others
+            except Unreadable:
+                pass  # reported where read; looked at again when the record changes
+            except StoreError as exc:  # nothing to record it in: the next pass looks again
+                log.warning("lifecycle work for %s stopped: %s", name, exc)
+            except Exception as exc:  # one domain's bug must not stop the others
                 log.exception("lifecycle work for %s failed", name)
+                try:
+                    await self._failed(name, exc)
+                except Exception as again:  # the store is down: the next pass retries
+                    log.warning("could not record the failure of %s: %s", name, again)
 
     async def _obtain(self, name: str) -> None:
-        verdict = await self.dns.check(name)
+        if not await self._follow_ari(name) or await self._ordered_with_wildcard(name):
+            return
+        verdict = await self._check_dns(name)
         metrics.DNS_CHECKS.labels("ok" if verdict.points_at_us else "not_pointing").inc()
         now = self.clock()
         if not verdict.points_at_us:
@@ -206,58 +331,227 @@ class Lifecycle:
         finally:
             await lease.release()
 
+    async def _check_dns(self, name: str) -> DnsVerdict:
+        """HTTP-01: the domain points at the edge. DNS-01: its challenge is delegated to
+        the platform's zone (the reason names the record to create)."""
+        domain = await self._read(rec.domain_key(name), rec.DomainRecord)
+        if domain is None or domain.challenge != "dns-01":
+            return await self.dns.check(name)
+        if self.dns01 is None:
+            return DnsVerdict(False, "DNS-01 is not set up on this platform (acme.dns01)")
+        return await self.dns01.check(name)
+
+    async def _ordered_with_wildcard(self, name: str) -> bool:
+        """`x` is ordered with `*.x` when both are attached (one order, one certificate):
+        its own work takes the wildcard's certificate when it covers `x`, has the
+        wildcard ordered again when it does not (`x` came after), or waits."""
+        wildcard = None if name.startswith("*.") or self.dns01 is None else \
+            await self._read(rec.domain_key("*." + name), rec.DomainRecord)
+        if wildcard is None or not wildcard.letsencrypt:
+            return False
+        now = self.clock()
+        cert = await self._read(rec.cert_key(wildcard.name, "acme"), rec.CertMeta)
+        if cert is not None and now < cert.not_after:
+            if name in cert.names:
+                await self._share_certificate(wildcard.name, name, cert.fingerprint)
+            else:  # renewed now, with its apex (_place asks for both)
+                await self._note(wildcard.name, renew_at=now, retry_at=0.0, ari_at=0.0)
+        await self._note(name, retry_at=now + self.settings.check_interval,
+                         message=f"ordered together with {wildcard.name}")
+        return True
+
+    async def _share_certificate(self, wildcard: str, apex: str, fingerprint: str) -> None:
+        """Serve `apex` with its wildcard's certificate (which covers it), once."""
+        mine = await self._read(rec.cert_key(apex, "acme"), rec.CertMeta)
+        bundle = await self.registry.certificate_bundle(wildcard, "acme")
+        if bundle is None or (mine is not None and mine.fingerprint == fingerprint):
+            return
+        status = await self._read(rec.status_key(wildcard), rec.StatusRecord)
+        await self.registry.store_acme_certificate(apex, bundle)
+        await self._note(apex, state="issued", message="certificate issued", last_error="",
+                         failures=0, renew_at=status.renew_at if status is not None else 0.0)
+
+    async def _apex(self, name: str) -> tuple[str, ...]:
+        """The apex `x` of a wildcard `*.x` when it is attached too (same order)."""
+        if not name.startswith("*."):
+            return ()
+        apex = await self._read(rec.domain_key(name[2:]), rec.DomainRecord)
+        return (apex.name,) if apex is not None and apex.letsencrypt else ()
+
+    async def _follow_ari(self, name: str) -> bool:
+        """When it is time, ask the CA for the renewal window of `name`'s certificate
+        again and follow it; whether to go on and order now."""
+        now = self.clock()
+        status = await self._read(rec.status_key(name), rec.StatusRecord)
+        if (status is None or status.state != "issued" or status.retry_at > now
+                or status.renew_at <= now or not 0 < status.ari_at <= now):
+            return True  # not an ARI poll: the usual work
+        current.set(self.issuers.named(status.issuer))  # the CA that issued it knows
+        try:
+            bundle = await self.registry.certificate_bundle(name, "acme")
+        except BundleError as exc:
+            log.warning("cannot ask for the renewal window of %s: %s", name, exc)
+            bundle = None
+        if bundle is None:
+            await self._note(name, ari_at=0.0)
+            return False
+        window, ari_at = await self._ask_ari(name, bundle.chain_pem, now)
+        renew_at = renewal.follow_window(status.renew_at, bundle.not_before,
+                                         bundle.not_after, window)
+        if renew_at != status.renew_at:
+            log.info("the CA moved the renewal window of %s: renewing at %s", name,
+                     utc_text(renew_at))
+        await self._note(name, renew_at=renew_at, ari_at=ari_at)
+        return renew_at <= now
+
+    async def _ask_ari(self, name: str, chain_pem: bytes,
+                       now: float) -> tuple[tuple[float, float] | None, float]:
+        """The CA's renewal window for a certificate of `name` (None: it has none) and
+        when to ask again (0: never)."""
+        try:
+            info = await self.acme.renewal_info(await self._ensure_account(), chain_pem)
+        except IssuanceError as exc:
+            log.warning("could not ask the CA for the renewal window of %s: %s", name, exc)
+            return None, now + renewal.ARI_AFTER_ERROR
+        if info is None:
+            return None, 0.0
+        return info.window, now + renewal.ari_delay(info.retry_after)
+
     async def _order_locked(self, name: str, lease: Lease) -> None:
         # Lock, then check again: another node may have finished while we waited.
-        domain = await self.registry.domain(name)
+        domain = await self._read(rec.domain_key(name), rec.DomainRecord)
         if domain is None or not domain.letsencrypt:
             return
         now = self.clock()
-        if await self._due_time(name, await self.registry.status(name), now) > now:
+        status = await self._read(rec.status_key(name), rec.StatusRecord)
+        if await self._due_time(name, status, now, ari=False) > now:
             return
-        acme = await self.registry.certificate(name, "acme")
-        renewing = acme is not None and self.clock() < acme.not_after
-        await self._note(name, state="creating",
-                         message="renewing" if renewing else "ordering a certificate")
+        acme = await self._read(rec.cert_key(name, "acme"), rec.CertMeta)
+        renewing = acme is not None and now < acme.not_after
+
+        async def attempt() -> tuple[Account, Issued]:
+            await self._note(name, state="creating",
+                             message="renewing" if renewing else "ordering a certificate")
+            return await self._order(name)
+
         started = time.monotonic()
         keeper = asyncio.create_task(self._keep(lease), name=f"lease {name}")
         try:
-            account = await self._ensure_account()
-            issued = await self.acme.order(account, name, StoreChallenges(self.store))
+            ask = await self._ask(domain, status, acme, now)
+            outcome = await dispatch(self.issuers, self.budget, ask,
+                                     status.failures if status is not None else 0, attempt)
+            if isinstance(outcome, Wait):
+                await self._wait(name, outcome, renewing)
+                return
+            _, (account, issued) = outcome
             # No time check: the CA just issued it, and a CA clock a second ahead of
             # ours makes not_before "in the future"; rejecting it would waste the order.
             # The data plane serves it from not_before on (serving_certificate).
             bundle = load_bundle(issued.chain_pem, issued.key_pem, domain=name,
                                  check_time=False)
         except (IssuanceError, BundleError) as exc:
-            metrics.ACME_ORDERS.labels("failed").inc()
-            await self._failed(name, exc, renewing)
+            metrics.ACME_ORDERS.labels(self._issuer_name(), "failed").inc()
+            await self._failed(name, exc)
             return
         finally:
             keeper.cancel()
-        metrics.ACME_ORDERS.labels("ok").inc()
+        metrics.ACME_ORDERS.labels(self._issuer_name(), "ok").inc()
         metrics.ACME_ORDER_SECONDS.observe(time.monotonic() - started)
         if not await lease.refresh():
             # Fencing: our lease expired while we worked and someone else may hold
             # the lock now; their result wins, ours is dropped.
             log.warning("lost the lock for %s during the order; discarding the result", name)
             return
-        if await self.registry.domain(name) is None:
+        if await self._read(rec.domain_key(name), rec.DomainRecord) is None:
             # `domains remove` ran while the CA answered: storing now would leave a
             # certificate (and its key) behind for a domain nobody has.
             log.info("%s was removed during its order; discarding the certificate", name)
             return
-        ari = None
-        with contextlib.suppress(IssuanceError):
-            ari = await self.acme.renewal_time(account, issued.chain_pem)
-        await self.registry.store_acme_certificate(name, bundle)
-        await self._note(name, state="issued", message="certificate issued", last_error="",
-                         failures=0, retry_at=0.0,
-                         renew_at=renewal.renew_at(bundle.not_before, bundle.not_after, ari))
-        log.info("certificate for %s issued, valid until %s", name,
-                 time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime(bundle.not_after)))
+        await self._issued(name, account, bundle)
 
-    async def _failed(self, name: str, exc: Exception, renewing: bool) -> None:
-        status = await self.registry.status(name)
+    async def _ask(self, domain: rec.DomainRecord, status: rec.StatusRecord | None,
+                   acme: rec.CertMeta | None, now: float) -> Ask:
+        """What an order for `domain` asks of the budget, and its place in the queue."""
+        name = domain.name
+        names = (name, *await self._apex(name))
+        renewing = acme is not None and now < acme.not_after
+        return Ask(issuer="", name=name, names=names,
+                   urgency=urgency(name, expires=acme.not_after if acme else None,
+                                   created_at=domain.created_at),
+                   renewal=acme is not None and set(acme.names) == set(names),
+                   ari=renewing and status is not None and status.ari_at > 0)
+
+    async def _wait(self, name: str, wait: Wait, renewing: bool) -> None:
+        """The order waits for the budget or a pause the CA asked for: said in the
+        status (its state unchanged: no failure) and due again at its turn."""
+        if not renewing:
+            await self._note(name, message=wait.reason, retry_at=wait.until)
+            return
+        acme = await self._read(rec.cert_key(name, "acme"), rec.CertMeta)
+        serving = (f"; the current certificate keeps serving until {utc_text(acme.not_after)}"
+                   if acme is not None else "")
+        await self._note(name, message=f"renewal {wait.reason}{serving}", retry_at=wait.until)
+
+    def _issuer_name(self) -> str:
+        return (current.get() or self.issuers.preferred).name
+
+    async def _order(self, name: str) -> tuple[Account, Issued]:
+        """Order with the node's account. When the CA no longer knows it (restarted,
+        database reset, account deactivated), register a new one and order again at
+        once; a second refusal is an ordinary failure, retried with backoff."""
+        account = await self._ensure_account()
+        try:
+            return account, await self._place(account, name)
+        except AccountUnknown as exc:
+            log.warning("the CA refused ACME account %s (%s); registering a new account",
+                        account.uri, exc)
+        account = await self._replace_account(account)
+        return account, await self._place(account, name)
+
+    async def _place(self, account: Account, name: str) -> Issued:
+        """One order: DNS-01 for a domain that asks for it (with its apex, when both are
+        attached), else HTTP-01, then DNS-01 if that failed and acme.dns01.fallback."""
+        challenges = StoreChallenges(self.store)
+        domain = await self._read(rec.domain_key(name), rec.DomainRecord)
+        dns01 = self.dns01
+        if dns01 is not None and domain is not None and domain.challenge == "dns-01":
+            return await self.acme.order(account, name, challenges, also=await self._apex(name),
+                                         dns=dns01.publisher(self.store, name))
+        try:
+            return await self.acme.order(account, name, challenges)
+        except AccountUnknown:
+            raise
+        except IssuanceError as exc:
+            if dns01 is None or not dns01.settings.fallback:
+                raise
+            verdict = await dns01.check(name)
+            if not verdict.points_at_us:
+                raise IssuanceError(f"{exc}; no DNS-01 fallback: {verdict.reason}",
+                                    retry_after=exc.retry_after,
+                                    permanent=exc.permanent) from None
+            log.info("HTTP-01 order for %s failed (%s); ordering with DNS-01", name, exc)
+        return await self.acme.order(account, name, challenges,
+                                     dns=dns01.publisher(self.store, name))
+
+    async def _issued(self, name: str, account: Account, bundle: CertBundle) -> None:
+        window, ari_at = await self._ask_ari(name, bundle.chain_pem, self.clock())
+        renew_at = renewal.renew_at(bundle.not_before, bundle.not_after, window)
+        # A wildcard's order covered its apex too when both are attached: both serve it.
+        for each in (name, *[a for a in await self._apex(name) if bundle.covers(a)]):
+            await self.registry.store_acme_certificate(each, bundle)
+            await self._note(each, state="issued",
+                             message=f"certificate issued by {self._issuer_name()}",
+                             last_error="", failures=0, retry_at=0.0, ari_at=ari_at,
+                             renew_at=renew_at, issuer=self._issuer_name())
+        log.info("certificate for %s issued, valid until %s", name, utc_text(bundle.not_after),
+                 extra={"domain": name, "issuer": bundle.issuer,
+                        "not_after": utc_text(bundle.not_after)})
+
+    async def _failed(self, name: str, exc: Exception) -> None:
+        """Record a failed order (or an unexpected error in a domain's work) with its
+        retry time, in words that say what is served meanwhile."""
+        status = await self._read(rec.status_key(name), rec.StatusRecord)
+        acme = await self._read(rec.cert_key(name, "acme"), rec.CertMeta)
         failures = (status.failures if status is not None else 0) + 1
         retry_after = exc.retry_after if isinstance(exc, IssuanceError) else None
         # A problem the CA says will not go away by itself (CAA forbids us, the name
@@ -265,27 +559,42 @@ class Lifecycle:
         permanent = isinstance(exc, IssuanceError) and exc.permanent
         delay = renewal.retry_delay(len(renewal.BACKOFF) if permanent else failures,
                                     retry_after)
-        message = str(exc)
+        error = str(exc) if isinstance(exc, IssuanceError | BundleError) else \
+            f"internal error: {type(exc).__name__}: {exc}"
+        now = self.clock()
+        retrying = f"retrying at {utc_text(now + delay)}"
         log.warning("certificate order for %s failed (%d in a row), retrying in %.0fs: %s",
-                    name, failures, delay, message)
-        # A renewal failure keeps the old certificate serving: state stays "issued".
-        await self._note(name, state="issued" if renewing else "error",
-                         message="renewal failed; the current certificate keeps serving"
-                         if renewing else "order failed",
-                         last_error=message, failures=failures,
-                         retry_at=self.clock() + delay)
+                    name, failures, delay, error,
+                    extra={"domain": name, "reason": str(error), "failures": failures})
+        if acme is not None and now < acme.not_after:
+            # A renewal failure keeps the old certificate serving: state stays "issued".
+            state: rec.State = "issued"
+            message = (f"renewal failed; the current certificate keeps serving until "
+                       f"{utc_text(acme.not_after)}; {retrying}")
+        elif acme is not None:
+            custom = await self._read(rec.cert_key(name, "custom"), rec.CertMeta)
+            served = "custom" if rec.serving_certificate(custom, None, now) else "platform"
+            state = "error"
+            message = (f"certificate expired on {utc_text(acme.not_after)}; the {served} "
+                       f"certificate is served; order failed; {retrying}")
+        else:
+            state, message = "error", f"order failed; {retrying}"
+        await self._note(name, state=state, message=message, last_error=error,
+                         failures=failures, retry_at=now + delay)
 
     async def _note(self, name: str, **changes: object) -> None:
-        if await self.registry.domain(name) is None:
+        if await self._read(rec.domain_key(name), rec.DomainRecord) is None:
             return  # removed meanwhile: leave no status behind
-        before = await self.registry.status(name)
+        before = await self._read(rec.status_key(name), rec.StatusRecord)
         after = await self.registry.set_status(name, **changes)
         if before is None or before.state != after.state:
             # One line per transition: operators (and the e2e tests) follow a domain
             # through Pending DNS -> Creating -> issued in the log.
             log.info("status of %s: %s -> %s (%s)", name,
                      before.state if before is not None else "none", after.state,
-                     after.last_error or after.message)
+                     after.last_error or after.message,
+                     extra={"domain": name, "status": after.state,
+                            "reason": after.last_error or after.message})
 
     async def _keep(self, lease: Lease) -> None:
         """Refresh the domain lock while the order runs (a dead holder stops doing so)."""
@@ -294,25 +603,12 @@ class Lifecycle:
             if not await lease.refresh():
                 return
 
+    # -- the account ----------------------------------------------------------------------
+
     async def _ensure_account(self) -> Account:
-        if self._account is not None:
-            return self._account
-        # The account is shared by every lifecycle on this store: take it from the
-        # store, and create it under a lock so two nodes do not register two.
-        lease = await self.store.lock("acme-account", ttl=self.settings.lock_ttl, wait=60.0)
-        try:
-            item = await self.store.get(rec.ACME_ACCOUNT)
-            existing = None
-            if item is not None:
-                record = rec.decode(item.value, rec.AccountRecord)
-                existing = Account(directory=record.directory, uri=record.uri,
-                                   key_pem=record.key_pem, email=record.email)
-            account = await self.acme.ensure_account(existing)
-            if account != existing:
-                record = rec.AccountRecord(directory=account.directory, uri=account.uri,
-                                           key_pem=account.key_pem, email=account.email)
-                await self.store.put(rec.ACME_ACCOUNT, rec.encode(record), secret=True)
-        finally:
-            await lease.release()
-        self._account = account
-        return account
+        return await self.issuers.account(current.get() or self.issuers.preferred)
+
+    async def _replace_account(self, refused: Account) -> Account:
+        """A new account in place of one the CA refused, for every node of the store."""
+        return await self.issuers.replace_account(current.get() or self.issuers.preferred,
+                                                  refused)

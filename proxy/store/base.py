@@ -8,9 +8,11 @@ types only; the typed records live in store/records.py. Backends: store/files.py
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass
 from typing import Protocol, runtime_checkable
+
+from proxy.errors import ConflictError
 
 
 @dataclass(frozen=True, slots=True)
@@ -23,12 +25,35 @@ class Item:
 
 
 @dataclass(frozen=True, slots=True)
+class Write:
+    """One write of a `put_all` transaction; `expect` as in Store.put."""
+
+    key: str
+    value: bytes
+    expect: int | None = None
+
+
+MAX_WRITES = 128  # writes per put_all: etcd's default --max-txn-ops
+
+
+@dataclass(frozen=True, slots=True)
 class Event:
     """One change seen by a watch: `value` is None for a delete."""
 
     key: str
     value: bytes | None
     revision: int
+
+
+def conflict(key: str, expect: int, current: int | None) -> ConflictError | None:
+    """The ConflictError of a write to `key` that expected revision `expect` (0: that
+    the key is absent) and found `current` (None: absent); None when it held."""
+    if expect == (current or 0):
+        return None
+    if expect == 0:
+        return ConflictError(f"{key} already exists (revision {current})")
+    state = "is absent" if current is None else f"is at revision {current}"
+    return ConflictError(f"{key} changed: expected revision {expect}, it {state}")
 
 
 class Compacted(Exception):
@@ -67,10 +92,13 @@ class Store(Protocol):
     moves (other prefixes too), so it may skip numbers: never assume +1. Methods are
     coroutines run on the caller's event loop; a backend may use threads inside but
     never blocks the loop. Errors
-    are StoreError (NotFound, ConflictError, LockTimeout are subclasses).
+    are StoreError (ConflictError, LockTimeout are subclasses); a missing key is no
+    error (get() returns None, delete() False).
 
     Secrets: values written with `secret=True` (anything holding a private key) are
-    stored readable by the owner only (files: mode 0600) and never logged.
+    stored readable by the owner only (files: mode 0600) and never logged. With
+    `store.encryption`, the records at records.SECRET_PREFIXES are also encrypted, by
+    the SealedStore wrapped around the backend (store/sealing.py).
     """
 
     async def get(self, key: str) -> Item | None:
@@ -79,6 +107,20 @@ class Store(Protocol):
 
     async def scan(self, prefix: str) -> list[Item]:
         """Every item whose key starts with `prefix`, sorted by key."""
+        ...
+
+    def scan_pages(self, prefix: str, *, after: str = "", page: int = 0
+                   ) -> AsyncIterator[list[Item]]:
+        """What scan(prefix) returns, restricted to keys after `after` (a whole key; ""
+        from the start), as successive lists of at most `page` items (0: the backend's
+        own size, as large as it can serve at once), sorted by key across pages.
+
+        For a caller that folds a large prefix into its own state (a node's start-up,
+        a listing) page by page instead of holding every raw record at once. The pages
+        together are the store at one revision, the one of the first page's read
+        (changes made while the caller works through them are not in later pages). A
+        caller may stop early: a listing takes one page and closes the iterator.
+        """
         ...
 
     async def keys(self, prefix: str) -> list[str]:
@@ -97,6 +139,13 @@ class Store(Protocol):
 
     async def delete(self, key: str, *, expect: int | None = None) -> bool:
         """Remove `key`; False when it did not exist. `expect` as in put()."""
+        ...
+
+    async def put_all(self, writes: Sequence[Write]) -> int:
+        """Every write of `writes` (distinct keys, at most MAX_WRITES) or none, in one
+        transaction; return the store's revision after it. One failed `expect` raises
+        ConflictError naming its key and writes nothing. Values at secret keys
+        (records.SECRET_PREFIXES) are treated as put(secret=True) would."""
         ...
 
     async def revision(self) -> int:
@@ -129,3 +178,23 @@ class Store(Protocol):
     async def close(self) -> None:
         """Release resources; the store is unusable afterwards."""
         ...
+
+
+# Optional extras of a backend, beside the Store protocol: test with isinstance (a
+# SealedStore has one when its inner store has it).
+
+@runtime_checkable
+class HasHealth(Protocol):
+    """A backend that can describe its server in one line (etcd: version, leader, db
+    size), for `tlsedge cluster status`."""
+
+    async def health(self) -> str: ...
+
+
+@runtime_checkable
+class Checkpointing(Protocol):
+    """A backend that keeps scan checkpoints and writes them all on demand (files:
+    for a tool that just wrote many records, so the next start-up reads one file per
+    segment)."""
+
+    async def checkpoint(self) -> None: ...

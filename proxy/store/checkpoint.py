@@ -16,10 +16,12 @@ change log still holds, is ignored and the segment's record files are walked ins
 
 from __future__ import annotations
 
+import bisect
 import contextlib
 import os
 import secrets
 from collections.abc import Iterable
+from typing import BinaryIO
 
 from proxy.store.base import Item
 
@@ -59,6 +61,66 @@ def read(path: str) -> tuple[int, list[Item]] | None:
         except ValueError:
             return None
     return revision, items
+
+
+class Reader:
+    """A checkpoint opened to be read a page at a time, in key order (FileStore's
+    scan_pages): the index is held, each value is read when its page is taken. The
+    open file stays readable when a newer checkpoint is renamed over it."""
+
+    __slots__ = ("_f", "_next", "keys", "revision", "revisions", "sizes")
+
+    def __init__(self, f: BinaryIO, revision: int, keys: list[str], revisions: list[int],
+                 sizes: list[int]) -> None:
+        self._f = f
+        self.revision = revision
+        self.keys = keys
+        self.revisions = revisions
+        self.sizes = sizes
+        self._next = 0
+
+    @classmethod
+    def open(cls, path: str) -> Reader | None:
+        """None when absent or damaged (its size is checked against its index)."""
+        try:
+            f = open(path, "rb", buffering=_BUFFER)  # noqa: SIM115 (closed by close())
+        except (FileNotFoundError, NotADirectoryError):
+            return None
+        try:
+            head = f.readline(200)
+            if not head.startswith(MAGIC) or not head.endswith(b"\n"):
+                raise ValueError
+            revision, count, index_length = (int(x) for x in head[len(MAGIC):].split())
+            index = f.read(index_length)
+            fields = index.decode().split()
+            if len(index) != index_length or len(fields) != 3 * count:
+                raise ValueError
+            sizes = list(map(int, fields[1::3]))
+            if os.fstat(f.fileno()).st_size != len(head) + index_length + sum(sizes):
+                raise ValueError
+            return cls(f, revision, fields[2::3], list(map(int, fields[0::3])), sizes)
+        except ValueError:
+            f.close()
+            return None
+
+    def skip_to(self, after: str) -> None:
+        """Start at the first key after `after`."""
+        at = bisect.bisect_right(self.keys, after)
+        self._f.seek(sum(self.sizes[self._next:at]), os.SEEK_CUR)
+        self._next = at
+
+    def take(self, count: int) -> list[Item]:
+        """The next `count` items (fewer at the end; [] once done)."""
+        start, end = self._next, min(self._next + count, len(self.keys))
+        read = self._f.read
+        values = [read(size) for size in self.sizes[start:end]]
+        if sum(map(len, values)) != sum(self.sizes[start:end]):
+            raise OSError("checkpoint file shrank while read")
+        self._next = end
+        return list(map(Item, self.keys[start:end], values, self.revisions[start:end]))
+
+    def close(self) -> None:
+        self._f.close()
 
 
 def write(path: str, revision: int, items: Iterable[Item]) -> None:
@@ -107,19 +169,31 @@ def changed_since(log: bytes, entries_at: int, base: int, after: int,
     holding revision base + 1. None when the log does not cover every revision after
     `after` (compacted past it, or older than it). ValueError for a damaged log.
     """
-    body = log[entries_at:log.rfind(b"\n") + 1]  # a crashed writer may leave half a line
-    lines = body.split(b"\n")[:-1]
-    last = base + len(lines)
-    if not base <= after <= last:
+    end = log.rfind(b"\n") + 1  # a crashed writer may leave half a line
+    if after < base:
         return None
-    # Revisions are contiguous (line i holds base + 1 + i), so the lines after `after`
-    # start at a known index; check the first one instead of parsing them all.
-    start = after - base
-    if start < len(lines) and not lines[start].startswith(b"%d " % (after + 1)):
+    # Revisions are contiguous (line i holds base + 1 + i): the lines after `after`
+    # start at the line of revision after + 1, found by one search (a line starts after
+    # a newline, and no key holds one) instead of splitting the whole log.
+    if after == base:
+        start = entries_at
+    else:
+        start = log.find(b"\n%d " % (after + 1), entries_at - 1, end)
+        start = end if start < 0 else start + 1
+    lines = log[start:end].split(b"\n")[:-1]
+    if start == end:  # nothing after `after`: is `after` the last revision, or past it?
+        last = base
+        if end > entries_at:
+            last_line = log[log.rfind(b"\n", entries_at - 1, end - 1) + 1:end - 1]
+            last = int(last_line.split(b" ", 1)[0])
+        return (last, set()) if after == last else None
+    last = after + len(lines)
+    if not lines[0].startswith(b"%d " % (after + 1)) or \
+            not lines[-1].startswith(b"%d " % last):
         raise ValueError("change log revisions are not contiguous")
     wanted = prefix.encode()
     changed: set[str] = set()
-    for line in lines[start:]:
+    for line in lines:
         key = line.split(b" ", 2)[2]
         if key.startswith(wanted):
             changed.add(key.decode())

@@ -29,6 +29,7 @@ treat that entry as a no-op (the record's own revision is older than the entry's
 from __future__ import annotations
 
 import asyncio
+import bisect
 import contextlib
 import fcntl
 import json
@@ -38,25 +39,27 @@ import secrets
 import socket
 import threading
 import time
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import ParamSpec, TypeVar
 
-from proxy.errors import ConflictError, LockTimeout, StoreError
+from proxy.atomicfile import fsync_dir, write_atomic, write_new
+from proxy.errors import LockTimeout, StoreError
 from proxy.store import checkpoint
-from proxy.store.base import Compacted, Event, Item
+from proxy.store.base import MAX_WRITES, Compacted, Event, Item, Write, conflict
 from proxy.store.keys import check_prefix as _check_prefix
 from proxy.store.keys import split_key as _split_key
+from proxy.store.records import LOCKS
 
 log = logging.getLogger("tlsedge.store.files")
 
-LOCKS = "locks/"
 _LOG_MAGIC = b"tlsedge-changes 1 "
 _REC_MAGIC = b"tlsedge-record 1 "
 _REC, _DIR, _TMP = ".rec", ".d", ".tmp"
 _TAIL = 4096
 _LOCK_POLL = 0.05
+_PAGE = 10_000  # items per page of scan_pages
 _BATCH = 4096  # log entries handled per LOCK_SH hold, so a catching-up watcher never
 #                holds writers off for long
 _READ_MAX = 1 << 20
@@ -100,29 +103,6 @@ def _parse_entry(line: bytes) -> tuple[int, bool, str]:
     """(revision, deleted, key) of one change-log line."""
     revision, op, key = line.split(b" ", 2)
     return int(revision), op == b"del", key.decode()
-
-
-def _fsync_dir(path: str) -> None:
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def _write_new(path: str, data: bytes) -> None:
-    """Create `path` 0600 (replacing a leftover) with `data`, durably."""
-    with contextlib.suppress(FileNotFoundError):
-        os.unlink(path)
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC,
-                 0o600)
-    try:
-        view = memoryview(data)
-        while view:
-            view = view[os.write(fd, view):]
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 @dataclass(frozen=True, slots=True)
@@ -257,6 +237,62 @@ class FileStore:
         _check_prefix(prefix)
         return await self._call(f"scan {prefix!r}", self._scan_sync, prefix)
 
+    def scan_pages(self, prefix: str, *, after: str = "", page: int = 0
+                   ) -> AsyncIterator[list[Item]]:
+        """A segment's checkpoint is read a page at a time (its index held, each value
+        read with its page), merged with the records the log changed after it; other
+        prefixes (inside one segment, or across segments) are read whole first."""
+        _check_prefix(prefix)
+        return self._pages(prefix, after, page or _PAGE)
+
+    async def _pages(self, prefix: str, after: str, page: int) -> AsyncIterator[list[Item]]:
+        what = f"scan {prefix!r}"
+        pager = await self._call(what, self._pager, prefix, after)
+        # The next page is read (in a thread) while the caller folds this one in.
+        taking = asyncio.ensure_future(self._call(what, pager.take, page))
+        try:
+            while items := await taking:
+                taking = asyncio.ensure_future(self._call(what, pager.take, page))
+                yield items
+        finally:
+            if not taking.done():
+                with contextlib.suppress(StoreError, asyncio.CancelledError):
+                    await taking  # the pager is one reader's: let its read end first
+            pager.close()
+
+    def _pager(self, prefix: str, after: str) -> _ListPager | _CheckpointPager:
+        head, slash, rest = prefix.partition("/")
+        if slash and not rest:
+            pager = self._checkpoint_pager(head, after)
+            if pager is not None:
+                return pager
+        return _ListPager(self._scan_sync(prefix), after)
+
+    def _checkpoint_pager(self, segment: str, after: str) -> _CheckpointPager | None:
+        """None when the segment has no usable checkpoint (then it is read whole)."""
+        reader = checkpoint.Reader.open(self._checkpoint_path(segment))
+        if reader is None:
+            return None
+        try:
+            with self._flock(fcntl.LOCK_SH):
+                found = self._changes_since(segment, reader.revision)
+                if found is None:  # the log no longer reaches it
+                    reader.close()
+                    return None
+                changed = {key: self._item(key) for key in found[1]}
+        except BaseException:
+            reader.close()
+            raise
+        if len(changed) > _CHECKPOINT_AFTER:  # the next scans should replay less
+            threading.Thread(target=self._scan_segment, name="store-checkpoint",
+                             args=(segment,), daemon=True).start()
+        reader.skip_to(after)
+        return _CheckpointPager(reader, after, changed)
+
+    def _item(self, key: str) -> Item | None:
+        record = _read_record(self._record_path(key.split("/")))
+        return None if record is None else Item(key, record[1], record[0])
+
     async def keys(self, prefix: str) -> list[str]:
         _check_prefix(prefix)
         found = await self._call(f"list {prefix!r}", self._walk, prefix)
@@ -374,16 +410,7 @@ class FileStore:
         """(revision, items, keys re-read): `items` (the segment at `after`) brought up to
         the log's last entry; None when the log no longer covers `after`. The caller
         holds the lock (shared or exclusive)."""
-        fd = os.open(self._log_path, os.O_RDONLY | os.O_CLOEXEC)
-        try:
-            base, entries_at = _read_header(fd)
-            data = os.pread(fd, os.fstat(fd).st_size, 0)
-        finally:
-            os.close(fd)
-        try:
-            found = checkpoint.changed_since(data, entries_at, base, after, segment + "/")
-        except (ValueError, IndexError):
-            raise StoreError(_DAMAGED_LOG) from None
+        found = self._changes_since(segment, after)
         if found is None:
             return None
         revision, changed = found
@@ -391,11 +418,25 @@ class FileStore:
             return revision, items, 0
         merged = [item for item in items if item.key not in changed]
         for key in changed:
-            record = _read_record(self._record_path(key.split("/")))
-            if record is not None:
-                merged.append(Item(key, record[1], record[0]))
+            item = self._item(key)
+            if item is not None:
+                merged.append(item)
         merged.sort(key=_item_key)
         return revision, merged, len(changed)
+
+    def _changes_since(self, segment: str, after: int) -> tuple[int, set[str]] | None:
+        """(the log's last revision, the keys under `segment/` it names after `after`);
+        None when the log no longer covers `after`. The caller holds the lock."""
+        fd = os.open(self._log_path, os.O_RDONLY | os.O_CLOEXEC)
+        try:
+            base, entries_at = _read_header(fd)
+            data = os.pread(fd, os.fstat(fd).st_size, 0)
+        finally:
+            os.close(fd)
+        try:
+            return checkpoint.changed_since(data, entries_at, base, after, segment + "/")
+        except (ValueError, IndexError):
+            raise StoreError(_DAMAGED_LOG) from None
 
     def _write_checkpoint(self, segment: str, revision: int, items: list[Item]) -> None:
         try:
@@ -454,11 +495,9 @@ class FileStore:
         with self._flock(fcntl.LOCK_EX):
             return self._write_locked(key, parts, value, expect)
 
-    def _write_locked(self, key: str, parts: list[str], value: bytes | None,
-                      expect: int | None) -> int | None:
-        """Write or delete (value None) under LOCK_EX; the new revision, or None when a
-        delete found nothing to delete."""
-        path = self._record_path(parts)
+    def _open_log(self) -> tuple[int, _Tail]:
+        """The change log open for appending (under LOCK_EX) and its tail, after undoing
+        what a writer that died mid-append or mid-write left."""
         fd = os.open(self._log_path, os.O_RDWR | os.O_APPEND | os.O_CLOEXEC)
         try:
             tail = _read_tail(fd)
@@ -468,13 +507,29 @@ class FileStore:
                 last = tail.last_key.split("/")
                 with contextlib.suppress(FileNotFoundError, NotADirectoryError):
                     os.unlink(os.path.join(self._dir_of(last[:-1]), last[-1] + _TMP))
-            found = _read_record(path, header_only=True)
-            current = 0 if found is None else found[0]
-            if expect is not None and expect != current:
-                if expect == 0:
-                    raise ConflictError(f"{key} already exists (revision {current})")
-                state = "is absent" if found is None else f"is at revision {current}"
-                raise ConflictError(f"{key} changed: expected revision {expect}, it {state}")
+        except BaseException:
+            os.close(fd)
+            raise
+        return fd, tail
+
+    @staticmethod
+    def _expected(key: str, path: str, expect: int | None) -> tuple[int, bytes] | None:
+        """The record's header at `path`; ConflictError when `expect` does not hold."""
+        found = _read_record(path, header_only=True)
+        error = None if expect is None else conflict(key, expect,
+                                                     None if found is None else found[0])
+        if error is not None:
+            raise error
+        return found
+
+    def _write_locked(self, key: str, parts: list[str], value: bytes | None,
+                      expect: int | None) -> int | None:
+        """Write or delete (value None) under LOCK_EX; the new revision, or None when a
+        delete found nothing to delete."""
+        path = self._record_path(parts)
+        fd, tail = self._open_log()
+        try:
+            found = self._expected(key, path, expect)
             if value is None and found is None:
                 return None
             revision = tail.revision + 1
@@ -485,10 +540,8 @@ class FileStore:
                 self._remove_record(parts, path)
             else:
                 directory = self._make_dirs(parts[:-1])
-                tmp = os.path.join(directory, parts[-1] + _TMP)
-                _write_new(tmp, _encode_record(revision, value))
-                os.replace(tmp, path)
-                _fsync_dir(directory)
+                write_atomic(path, _encode_record(revision, value),
+                             tmp=os.path.join(directory, parts[-1] + _TMP))
             if revision - tail.base > self._keep_changes:
                 try:
                     self._compact(fd, revision)
@@ -498,6 +551,47 @@ class FileStore:
         finally:
             os.close(fd)
 
+    async def put_all(self, writes: Sequence[Write]) -> int:
+        if len(writes) > MAX_WRITES or len({w.key for w in writes}) != len(writes):
+            raise StoreError(f"put_all takes at most {MAX_WRITES} writes of distinct keys")
+        batch = [(w, _split_key(w.key)) for w in writes]
+        what = f"write {writes[0].key} and {len(writes) - 1} more" if writes else "write"
+        return await self._call(what, self._put_all_sync, batch)
+
+    def _put_all_sync(self, batch: list[tuple[Write, list[str]]]) -> int:
+        """One LOCK_EX hold, one log append and fdatasync for the whole batch, then the
+        records (each its own revision, as single writes get), then their folders."""
+        with self._flock(fcntl.LOCK_EX):
+            fd, tail = self._open_log()
+            try:
+                paths = [self._record_path(parts) for _, parts in batch]
+                for (write, _), path in zip(batch, paths, strict=True):
+                    self._expected(write.key, path, write.expect)
+                if not batch:
+                    return tail.revision
+                first = tail.revision + 1
+                os.write(fd, b"".join(b"%d put %s\n" % (first + i, w.key.encode())
+                                      for i, (w, _) in enumerate(batch)))
+                os.fdatasync(fd)
+                folders = set()
+                for i, ((write, parts), path) in enumerate(zip(batch, paths, strict=True)):
+                    folder = self._make_dirs(parts[:-1])
+                    tmp = os.path.join(folder, parts[-1] + _TMP)
+                    write_new(tmp, _encode_record(first + i, bytes(write.value)))
+                    os.replace(tmp, path)
+                    folders.add(folder)
+                for folder in folders:  # once each, not once per record
+                    fsync_dir(folder)
+                revision = first + len(batch) - 1
+                if revision - tail.base > self._keep_changes:
+                    try:
+                        self._compact(fd, revision)
+                    except OSError as exc:  # the writes are done; the next one retries
+                        log.warning("store change log compaction failed: %s", exc)
+                return revision
+            finally:
+                os.close(fd)
+
     def _make_dirs(self, parts: list[str]) -> str:
         directory = self._data
         for part in parts:
@@ -506,13 +600,13 @@ class FileStore:
                 os.mkdir(directory, 0o700)
             except FileExistsError:
                 continue
-            _fsync_dir(parent)
+            fsync_dir(parent)
         return directory
 
     def _remove_record(self, parts: list[str], path: str) -> None:
         os.unlink(path)
         directory = os.path.dirname(path)
-        _fsync_dir(directory)
+        fsync_dir(directory)
         # Empty directories go too (safe: every writer holds LOCK_EX), so deleted domains
         # leave nothing behind for scans to walk.
         while directory != self._data:
@@ -523,10 +617,7 @@ class FileStore:
             directory = os.path.dirname(directory)
 
     def _replace_log(self, content: bytes) -> None:
-        tmp = self._log_path + _TMP
-        _write_new(tmp, content)
-        os.replace(tmp, self._log_path)
-        _fsync_dir(self._root)
+        write_atomic(self._log_path, content, tmp=self._log_path + _TMP)
 
     def _compact(self, fd: int, revision: int) -> None:
         """Keep the newest half of the change log (under LOCK_EX), after checkpointing
@@ -632,6 +723,59 @@ class FileStore:
 
     async def close(self) -> None:
         self._closed = True
+
+
+class _ListPager:
+    """scan_pages over a scan read whole."""
+
+    def __init__(self, items: list[Item], after: str) -> None:
+        self._items = items
+        self._next = bisect.bisect_right(items, after, key=_item_key) if after else 0
+
+    def take(self, count: int) -> list[Item]:
+        start = self._next
+        self._next = min(start + count, len(self._items))
+        return self._items[start:self._next]
+
+    def close(self) -> None:
+        self._items = []
+
+
+class _CheckpointPager:
+    """scan_pages over a segment's checkpoint: its items in key order, except those the
+    log changed after it (`changed`: key -> the record now, None if deleted), whose
+    current records are merged in at their place."""
+
+    def __init__(self, reader: checkpoint.Reader, after: str,
+                 changed: dict[str, Item | None]) -> None:
+        self._reader = reader
+        self._stale = changed.keys()
+        self._fresh = sorted((i for i in changed.values() if i is not None and i.key > after),
+                             key=_item_key)
+        self._fresh_next = 0
+        self._ready: list[Item] = []
+        self._done = False
+
+    def take(self, count: int) -> list[Item]:
+        while len(self._ready) < count and not self._done:
+            chunk = self._reader.take(count)
+            fresh, at = self._fresh, self._fresh_next
+            if chunk:
+                end = bisect.bisect_right(fresh, chunk[-1].key, lo=at, key=_item_key)
+                stale = self._stale
+                merged = [i for i in chunk if i.key not in stale]
+            else:
+                end, merged, self._done = len(fresh), [], True
+            if end > at:
+                merged += fresh[at:end]
+                merged.sort(key=_item_key)
+            self._fresh_next = end
+            self._ready += merged
+        page, self._ready = self._ready[:count], self._ready[count:]
+        return page
+
+    def close(self) -> None:
+        self._reader.close()
 
 
 class FileLease:

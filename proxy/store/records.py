@@ -19,10 +19,20 @@ CERTS = "certs/"
 STATUS = "status/"
 CHALLENGES = "challenges/"
 PEM = "pem/"
-ACME_ACCOUNT = "acme/account"
+ACME = "acme/"
+ACME_ACCOUNT = ACME + "account"
 NODES = "nodes/"
+LOCKS = "locks/"  # store.lock(name) takes `locks/<name>`: a lease, a holder and a token
+DNS01 = "dns01/"  # TXT records published for DNS-01, until they are removed
+BUDGET = "budget/"  # the order budget: the CA's rate limits, per issuer (lifecycle/budget.py)
+# Where private keys live: certificates' key material and the ACME account. With
+# store.encryption these records are sealed (store/sealing.py); nothing else holds a key.
+SECRET_PREFIXES = (PEM, ACME)
+# Which encryption keys sealed records in this store (store/sealing.py); not a secret.
+SEALING_KEYS = "sealing/keys"
 
 CertSource = Literal["custom", "acme"]
+Challenge = Literal["http-01", "dns-01"]
 # Lifecycle states written by the lifecycle; "In use" / "Not used" are derived from
 # them and the custom certificate at read time (see registry.DomainView).
 State = Literal["pending_dns", "creating", "issued", "error", "disabled"]
@@ -33,15 +43,19 @@ class Record(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=Fa
 
 
 class DomainRecord(Record, frozen=True):
-    name: str
+    name: str  # a host name, or a one-label wildcard `*.shop.example.com`
     app: str
     letsencrypt: bool = True
     created_at: float = 0.0
+    # How the CA checks the domain is ours: dns-01 for a wildcard (the only way).
+    challenge: Challenge = "http-01"
 
 
 class AppRecord(Record, frozen=True):
     name: str
-    backends: tuple[str, ...]
+    # Empty: a record of settings only (force_https, set through the admin API) over
+    # the config's app of this name, which keeps its backends and other settings.
+    backends: tuple[str, ...] = ()
     force_https: bool = False
     canonical_domain: str | None = None
 
@@ -131,6 +145,36 @@ class StatusRecord(Record, frozen=True):
     failures: int = 0
     retry_at: float = 0.0
     renew_at: float = 0.0
+    # When to ask the CA's renewal information (ARI, RFC 9773) again; 0: never (the
+    # CA has none). The CA may move the window after issuance.
+    ari_at: float = 0.0
+    # The acme.issuers name of the CA that issued the current certificate.
+    issuer: str = ""
+
+
+class Dns01Record(Record, frozen=True):
+    """TXT values published at `name` for `domain`'s order, not removed yet: written
+    before each is added to DNS, deleted once they are gone, so a sweep removes what a
+    process that died in between left (lifecycle/dns01.py)."""
+
+    name: str  # the TXT record's name, absolute, without the final dot
+    domain: str  # whose lock the order held
+    values: tuple[str, ...] = ()
+    updated_at: float = 0.0
+
+
+class Pause(Record, frozen=True):
+    until: float
+    why: str
+
+
+class BudgetRecord(Record, frozen=True):
+    """Part of one issuer's order budget: token buckets as their theoretical arrival
+    times (GCRA: empty up to `tat`, full once it is past), and pauses the CA asked for;
+    lifecycle/budget.py says what the ids mean. Entries past are left out."""
+
+    tats: dict[str, float] = {}
+    pauses: dict[str, Pause] = {}
 
 
 class AccountRecord(Record, frozen=True):
@@ -163,6 +207,20 @@ def parse_pem_key(key: str) -> tuple[str, str, str] | None:
     if not key.startswith(PEM) or not name or source not in ("custom", "acme"):
         return None
     return name, source, fingerprint
+
+
+def is_secret(key: str) -> bool:
+    """Whether the record at `key` may hold a private key (see SECRET_PREFIXES)."""
+    return key.startswith(SECRET_PREFIXES)
+
+
+def budget_key(issuer: str, part: str) -> str:
+    """`budget/<issuer id>/<part>`: `account` (its orders, its pauses) or a shard."""
+    return f"{BUDGET}{issuer}/{part}"
+
+
+def dns01_key(txt_name: str) -> str:
+    return DNS01 + txt_name
 
 
 def status_key(name: str) -> str:

@@ -5,11 +5,12 @@ certificate files), compose() and the incremental Composer.
 from __future__ import annotations
 
 import logging
+import ssl
 import time
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 
-from immutables import Map, MapMutation
+import msgspec
 
 from proxy import config as config_mod
 from proxy.certs.bundle import load_bundle_files
@@ -18,7 +19,8 @@ from proxy.certs.tls import TlsSettings
 from proxy.config import Config
 from proxy.errors import BundleError, ConfigError
 from proxy.routing import App, Backend, RouteTable
-from proxy.sync.state import StoreState, _no_gc
+from proxy.sync.entries import DomainSlot
+from proxy.sync.state import StoreState
 
 log = logging.getLogger("tlsedge.sync")
 
@@ -41,8 +43,15 @@ class Snapshot:
                 for e in self.certs.entries()]
 
 
+_VERSIONS = {"1.2": ssl.TLSVersion.TLSv1_2, "1.3": ssl.TLSVersion.TLSv1_3}
+
+
 def tls_settings(config: Config) -> TlsSettings:
-    return TlsSettings(num_tickets=config.tls.session_tickets)
+    tls = config.tls
+    return TlsSettings(num_tickets=tls.session_tickets, alpn=tls.alpn,
+                       min_version=_VERSIONS[tls.min_version],
+                       max_version=_VERSIONS[tls.max_version], ciphers=tls.ciphers,
+                       groups=tls.groups)
 
 
 def load_static(path: str) -> Snapshot:
@@ -92,22 +101,10 @@ class Composed:
     next_change: float | None  # when a certificate starts or stops being valid
 
 
-def compose(static: Snapshot, state: StoreState, now: float) -> Composed:
-    """Merge config and store into the tables a worker serves from (`state` must be a
-    worker's: with_pem=True). Builds no SSLContext and reads no record: every store
-    domain's name points at its slot, which wins over the ops certificate files
-    while it has a certificate (the table falls back to them when it has none).
-    ~0.15 s at 100,000 domains: a worker runs it at start and on SIGHUP; store events
-    go through Composer.update.
-    """
-    del now  # kept for the callers' symmetry with Composer.update
-    static_names = _static_names(static)
-    names: dict[str, CertEntry] = dict(static_names)
-    names.update(state.slots)
-    table = CertTable.build(names, static.default, reject_unknown=static.reject_unknown,
-                            fallback=CertTable.build(static_names, None).indexes())
-    return Composed(table, compose_routes(static.config, state), dict(state.challenges),
-                    state.next_change)
+def compose(static: Snapshot, state: StoreState) -> Composed:
+    """Merge config and store into the tables a worker serves from (Composer.full, for
+    one round). Builds no SSLContext and reads no record."""
+    return Composer().full(static, state)
 
 
 def _static_names(static: Snapshot) -> dict[str, CertEntry]:
@@ -118,126 +115,110 @@ def _static_names(static: Snapshot) -> dict[str, CertEntry]:
     return names
 
 
-class Composer:
-    """A worker's composition, kept between rounds so that a batch of store events
-    costs what it names. Its indexes are immutables.Map (a HAMT): each new table
-    shares all but the changed paths with the last one, so adding a domain to a
-    million-name table costs ~10 us instead of copying three million-entry dicts
-    (~40 ms each, measured) and every table stays an immutable snapshot. A batch of
-    certificate events alone costs nothing here: slots change in place.
+class StoreNames(Mapping[str, CertEntry]):
+    """One index of a worker's certificate table (exact names, or with `wild` the
+    one-label wildcards, keyed ".rest" as CertTable wants) over the store state,
+    then the ops certificate files' names.
 
-    full() is compose() into Maps (start, store reload); update() re-indexes only the
-    domains in `state.touched` (added or removed), rebuilds the app list on
-    `routes_touched` (an app changed: a few entries), or falls back to full() after
-    a store reload (`state.reset`); restatic() (SIGHUP) changes only the names the
-    config's certificate files and domains changed. Worker loop only, not
-    thread-safe.
+    A store domain's name gives its slot, which wins over the ops certificate files
+    while it has a certificate (the table falls back to them when it has none). A
+    domain without a slot gives a new, unloaded one: the listener reads its
+    certificate before the handshake (follow.SlotLoader), which keeps the slot.
+    Nothing is indexed per domain: a million domains cost no second map, and a
+    store event changes what a lookup finds as soon as it is applied, with no table
+    to rebuild or swap.
+    """
+
+    __slots__ = ("_state", "_static", "_wild")
+
+    def __init__(self, state: StoreState, static: dict[str, CertEntry], *,
+                 wild: bool) -> None:
+        self._state = state
+        self._static = static
+        self._wild = wild
+
+    def get(self, key: str, default: CertEntry | None = None) -> CertEntry | None:  # type: ignore[override]
+        state = self._state
+        if self._wild:
+            name = "*" + key
+            domain = key.count(".") >= 2 and state.is_domain(name)
+        else:
+            name = key
+            domain = state.is_domain(key) and not key.startswith("*")
+        if domain:
+            return state.slots.get(name) or DomainSlot(name)
+        return self._static.get(key, default)
+
+    def __getitem__(self, key: str) -> CertEntry:
+        entry = self.get(key)
+        if entry is None:
+            raise KeyError(key)
+        return entry
+
+    def __iter__(self) -> Iterator[str]:
+        state, wild = self._state, self._wild
+        for name in state.domains:
+            if not state.is_domain(name):
+                continue
+            if not wild and not name.startswith("*"):
+                yield name
+            elif wild and name.startswith("*.") and name.count(".") >= 2:
+                yield name[1:]
+        for key in self._static:
+            if not state.is_domain("*" + key if wild else key):
+                yield key
+
+    def __len__(self) -> int:
+        """Approximate (a name both in the store and in the ops files counts twice):
+        for log lines, never a walk over a million names."""
+        return (0 if self._wild else self._state.domain_count()) + len(self._static)
+
+
+class Composer:
+    """A worker's composition: the tables its listeners read, over the store state.
+
+    The certificate table's indexes are StoreNames views and the route table's custom
+    domains are the state's own map (StoreState says why), so a store event that adds,
+    removes or re-routes a domain, or changes a certificate, costs a dict write when
+    the follower applies it and nothing here; update() (after a batch of events) only
+    rebuilds the app list when an app changed (a few entries) and hands the current
+    challenges over. full() builds from the config snapshot (start, store reload);
+    restatic() is full() for a new config (SIGHUP): the config's certificate files and
+    domains. Worker loop only, not thread-safe.
     """
 
     def __init__(self) -> None:
-        self._exact: Map[str, CertEntry] = Map()
-        self._wild: Map[str, CertEntry] = Map()
-        self._domains: Map[str, str] = Map()
-        self._static: dict[str, CertEntry] = {}
-        self._snapshot: Snapshot | None = None
-        self._fallback: tuple[dict[str, CertEntry], dict[str, CertEntry]] = ({}, {})
         self._composed: Composed | None = None
 
-    def full(self, static: Snapshot, state: StoreState, now: float) -> Composed:
-        """~3 s at 1,000,000 domains (measured: building the Maps is most of it)."""
-        state.touched.clear()
+    def full(self, static: Snapshot, state: StoreState) -> Composed:
         state.routes_touched = state.reset = False
+        state.configure(dict(static.config.domains))
         names = _static_names(static)
         fallback = CertTable.build(names, None).indexes()
-        exact, wild = dict(fallback[0]), dict(fallback[1])
-        for name, slot in state.slots.items():
-            if not name.startswith("*."):
-                exact[name] = slot
-            elif name.count(".") >= 2:
-                wild[name[1:]] = slot
-        with _no_gc():
-            self._exact, self._wild = Map(exact), Map(wild)
-            self._domains = Map(route_domains(static.config, state))
-        del exact, wild
-        self._static, self._snapshot, self._fallback = names, static, fallback
-        return self._compose(static, state, compose_apps(static.config, state))
+        certs = CertTable(StoreNames(state, fallback[0], wild=False),
+                          StoreNames(state, fallback[1], wild=True), static.default,
+                          static.reject_unknown, fallback)
+        return self._compose(certs, static, state, compose_apps(static.config, state))
 
-    def restatic(self, static: Snapshot, state: StoreState, now: float) -> Composed:
-        """A new config snapshot (SIGHUP): re-index the names whose ops certificate or
-        configured domain changed; store domains keep their slots."""
-        old = self._snapshot
-        if old is None or state.reset:
-            return self.full(static, state, now)
-        names = _static_names(static)
-        before, configured = self._static, static.config.domains
-        with self._exact.mutate() as exact, self._wild.mutate() as wild, \
-                self._domains.mutate() as domains:
-            for name in before.keys() | names.keys():
-                if before.get(name) is not names.get(name):
-                    _index(exact, wild, name, state.slots.get(name) or names.get(name))
-            for name in old.config.domains.keys() | configured.keys():
-                if name not in state.domains:
-                    _route(domains, name, configured.get(name))
-            self._exact, self._wild = exact.finish(), wild.finish()
-            self._domains = domains.finish()
-        self._static, self._snapshot = names, static
-        self._fallback = CertTable.build(names, None).indexes()
-        state.routes_touched = True  # the config's apps may differ
-        return self.update(static, state, now)  # with the store events not yet applied
+    def restatic(self, static: Snapshot, state: StoreState) -> Composed:
+        """A new config snapshot (SIGHUP): its certificate files, domains and apps."""
+        return self.full(static, state)
 
-    def _compose(self, static: Snapshot, state: StoreState,
-                 apps: Mapping[str, App]) -> Composed:
-        certs = CertTable(self._exact, self._wild, static.default, static.reject_unknown,
-                          self._fallback)
-        routes = RouteTable(static.config.platform_domain, apps, self._domains)
-        self._composed = Composed(certs, routes, dict(state.challenges), state.next_change)
-        return self._composed
-
-    def update(self, static: Snapshot, state: StoreState, now: float) -> Composed:
+    def update(self, static: Snapshot, state: StoreState) -> Composed:
         last = self._composed
         if state.reset or last is None:
-            return self.full(static, state, now)
+            return self.full(static, state)
         apps = last.routes.apps
         if state.routes_touched:
             state.routes_touched = False
             apps = compose_apps(static.config, state)
-        if state.touched:
-            touched, state.touched = state.touched, set()
-            configured = static.config.domains
-            with self._exact.mutate() as exact, self._wild.mutate() as wild, \
-                    self._domains.mutate() as domains:
-                for name in touched:
-                    entry = state.slots.get(name) or self._static.get(name)
-                    _index(exact, wild, name, entry)
-                    record = state.domains.get(name)
-                    _route(domains, name,
-                           record.app if record is not None else configured.get(name))
-                self._exact, self._wild = exact.finish(), wild.finish()
-                self._domains = domains.finish()
-        return self._compose(static, state, apps)
+        return self._compose(last.certs, static, state, apps)
 
-
-def _route(domains: MapMutation[str, str], name: str, app: str | None) -> None:
-    """Route custom domain `name` to `app` (None: to nothing)."""
-    if app is None:
-        domains.pop(name, None)
-    else:
-        domains[name] = app
-
-
-def _index(exact: MapMutation[str, CertEntry], wild: MapMutation[str, CertEntry],
-           name: str, entry: CertEntry | None) -> None:
-    """Put (or, entry None, remove) `name` the way CertTable.build indexes it."""
-    if name.startswith("*."):
-        if name.count(".") < 2:
-            return
-        index, key = wild, name[1:]
-    else:
-        index, key = exact, name
-    if entry is None:
-        index.pop(key, None)
-    else:
-        index[key] = entry
+    def _compose(self, certs: CertTable, static: Snapshot, state: StoreState,
+                 apps: Mapping[str, App]) -> Composed:
+        routes = RouteTable(static.config.platform_domain, apps, state.domains)
+        self._composed = Composed(certs, routes, dict(state.challenges), state.next_change)
+        return self._composed
 
 
 def compose_routes(config: Config, state: StoreState) -> RouteTable:
@@ -248,6 +229,12 @@ def compose_routes(config: Config, state: StoreState) -> RouteTable:
 def compose_apps(config: Config, state: StoreState) -> dict[str, App]:
     apps = {name: App.from_config(name, spec) for name, spec in config.apps.items()}
     for name, record in state.apps.items():
+        if not record.backends:  # settings only, over the config's app
+            spec = config.apps.get(name)
+            if spec is not None:
+                apps[name] = App.from_config(name, msgspec.structs.replace(
+                    spec, force_https=record.force_https))
+            continue
         backends = tuple(Backend(*config_mod.parse_address(b, where=f"apps/{name}"))
                          for b in record.backends)
         apps[name] = App(name, backends, force_https=record.force_https,
@@ -258,5 +245,5 @@ def compose_apps(config: Config, state: StoreState) -> dict[str, App]:
 def route_domains(config: Config, state: StoreState) -> dict[str, str]:
     """Custom domain -> app name: the config's, then the store's over them."""
     domains = dict(config.domains)
-    domains.update({d: r.app for d, r in state.domains.items()})
+    domains.update({d: a for d, a in state.domains.items() if d not in state.config_only})
     return domains

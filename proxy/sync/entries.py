@@ -8,6 +8,7 @@ from __future__ import annotations
 import logging
 import time
 from collections import OrderedDict
+from collections.abc import Callable
 
 import msgspec
 
@@ -37,9 +38,13 @@ class StoredEntry(CertEntry):
     """A store certificate as a worker holds it: the metadata record's JSON bytes and
     its key material's (records.CertRecord), decoded into a CertBundle only when
     `bundle` is read (a context build on a cache miss, ~5 us from memory; or a view
-    off the hot path). Never does I/O."""
+    off the hot path). Never does I/O.
 
-    __slots__ = ("_record", "material")
+    Its `context_key` is the bytes the chain and key are read from: the material
+    record (or the record itself, with inline PEM). The same leaf stored again with
+    another chain has new material, so a new key and a context of its own."""
+
+    __slots__ = ("_material", "_record")
 
     def __init__(self, record: bytes, material: bytes | None = None) -> None:
         head = _serving_decoder.decode(record)  # the base's __init__ wants a bundle
@@ -49,6 +54,15 @@ class StoredEntry(CertEntry):
         self.source = head.source
         self.not_before = head.not_before
         self.not_after = head.not_after
+
+    @property
+    def material(self) -> bytes | None:
+        return self._material
+
+    @material.setter
+    def material(self, value: bytes | None) -> None:
+        self._material = value
+        self.context_key = value if value is not None else self._record
 
     @property
     def bundle(self) -> CertBundle:
@@ -89,6 +103,7 @@ class DomainSlot(CertEntry):
 
     def _clear(self) -> None:
         self.chosen = None
+        self.context_key = b""
         self.fingerprint = ""
         self.source = "acme"
         self.not_before = self.not_after = 0.0
@@ -138,7 +153,9 @@ class DomainSlot(CertEntry):
             return
         for entry in (self.custom, self.acme):
             if entry is not None and entry.fingerprint == fingerprint:
-                entry.material = value
+                entry.material = value  # the same leaf, maybe another chain: see StoredEntry
+                if entry is self.chosen:
+                    self.context_key = entry.context_key
                 return
         if self.pems is None:
             self.pems = {}
@@ -151,6 +168,7 @@ class DomainSlot(CertEntry):
             self._clear()
         else:
             self.chosen = chosen
+            self.context_key = chosen.context_key
             self.fingerprint = chosen.fingerprint
             self.source = chosen.source
             self.not_before = chosen.not_before
@@ -163,6 +181,14 @@ class DomainSlot(CertEntry):
         self.pems = None
         self.loaded = False
         self._clear()
+
+    def retire(self) -> None:
+        """The domain went away: hold no certificate, as loaded. A table not swapped
+        yet still maps the name here; a handshake reading it falls back (the
+        platform or default certificate) instead of serving what was removed, and
+        needs no read."""
+        self.unload()
+        self.loaded = True
 
     @property
     def bundle(self) -> CertBundle:
@@ -177,12 +203,16 @@ class DomainSlot(CertEntry):
 class Resident:
     """The loaded slots, least recently used first; past `capacity` the oldest one not
     used in the last `hold` seconds is unloaded (a slot just prepared for a handshake
-    is not dropped before that handshake picks it: a few loop turns later)."""
+    is not dropped before that handshake picks it: a few loop turns later), and
+    handed to `dropped` (the state lets go of it: an unloaded slot is made again on
+    its name's next handshake, so a million names never hold a million slots)."""
 
-    def __init__(self, capacity: int, hold: float = 1.0) -> None:
+    def __init__(self, capacity: int, hold: float = 1.0,
+                 dropped: Callable[[DomainSlot], None] | None = None) -> None:
         self.capacity = capacity
         self.hold = hold
         self.slots: OrderedDict[str, DomainSlot] = OrderedDict()
+        self.dropped = dropped
 
     def add(self, slot: DomainSlot, *, count: bool = True) -> None:
         self.slots[slot.name] = slot
@@ -197,14 +227,22 @@ class Resident:
         metrics.CERTIFICATES_RESIDENT.set(len(self.slots))
 
     def touch(self, slot: DomainSlot, now: float) -> None:
+        """A handshake is prepared for `slot`. It may be one no longer held (its
+        domain removed, or removed and added again as a new slot) that a table not
+        swapped yet still maps: then there is nothing to reorder."""
         slot.used = now
+        if self.slots.get(slot.name) is not slot:
+            return
         self.slots.move_to_end(slot.name)
         if len(self.slots) > self.capacity:  # over since the hold kept some: trim now
             self._evict()
             metrics.CERTIFICATES_RESIDENT.set(len(self.slots))
 
     def discard(self, slot: DomainSlot) -> None:
-        if self.slots.pop(slot.name, None) is not None:
+        """`slot`'s domain was removed: drop it, and retire it (see DomainSlot.retire)."""
+        slot.retire()
+        if self.slots.get(slot.name) is slot:
+            del self.slots[slot.name]
             metrics.CERTIFICATES_RESIDENT.set(len(self.slots))
 
     def has_room(self) -> bool:
@@ -219,3 +257,5 @@ class Resident:
                 return  # all the rest were used more recently still: over, for now
             del slots[name]
             slot.unload()
+            if self.dropped is not None:
+                self.dropped(slot)

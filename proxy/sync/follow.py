@@ -1,30 +1,35 @@
-"""Following the store: the watch (StoreFollower) and the reads of a domain's
-certificate on first use (SlotLoader).
+"""Following the store: the watch (StoreFollower), and a worker's reads of certificates
+(SlotLoader: a domain's on its first handshake, all of them at start within the
+resident limit).
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import gc
 import logging
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterable
+from typing import Protocol
 
 from proxy import metrics
 from proxy.certs.table import CertEntry
 from proxy.errors import BundleError, ConfigError, StoreError
 from proxy.store import records as rec
-from proxy.store.base import Compacted, Event, Store
+from proxy.store.base import Compacted, Event, Item, Store
 from proxy.sync.entries import DomainSlot
-from proxy.sync.state import StoreState, _trim_heap, load_state
+from proxy.sync.snapshot import CERTS, SnapshotReader
+from proxy.sync.state import StoreState, no_gc, trim_heap
 
 log = logging.getLogger("tlsedge.sync")
 
 
 class SlotLoader:
-    """Reads a slot's certificate records from the store before its first handshake
+    """Reads a domain's certificate records from the store before its first handshake
     (the listener awaits `prepare`), and in the background for domains added while
-    the worker has room to hold them all."""
+    the worker has room to hold them all; fills every slot at start from records read
+    for it (the supervisor's snapshot, or the store: `fill`, `warm`)."""
 
     def __init__(self, store: Store, state: StoreState,
                  loaded: Callable[[], None] = lambda: None) -> None:
@@ -48,14 +53,26 @@ class SlotLoader:
         entry.used = time.monotonic()
         return self.load(entry)
 
-    def load(self, slot: DomainSlot) -> Awaitable[None]:
-        """Read the slot's records (one read in flight per domain, shared); cancelling
-        what this returns stops the wait, not the read."""
-        task = self._loading.get(slot.name)
+    def load(self, slot: DomainSlot) -> Awaitable[None] | None:
+        """Read the certificate of `slot`'s domain (one read in flight per domain,
+        shared); None when there is nothing to read (the domain is gone, or its slot
+        is loaded already). The state keeps the slot from now on, so that events for
+        the domain reach it during the read; a lookup finds it. Cancelling what this
+        returns stops the wait, not the read."""
+        name = slot.name
+        task = self._loading.get(name)
         if task is None:
-            task = asyncio.get_running_loop().create_task(self._load(slot),
+            state = self.state
+            held = state.slots.get(name)
+            if held is None:
+                if not state.is_domain(name):
+                    return None
+                held = state.slots[name] = slot
+            elif held.loaded:
+                return None
+            task = asyncio.get_running_loop().create_task(self._load(held),
                                                           name="certificate-read")
-            self._loading[slot.name] = task
+            self._loading[name] = task
         return asyncio.shield(task)
 
     async def _load(self, slot: DomainSlot) -> None:
@@ -71,6 +88,8 @@ class SlotLoader:
             metrics.CERTIFICATE_LOAD_SECONDS.observe(time.monotonic() - started)
         finally:
             del self._loading[slot.name]
+            if not slot.loaded and self.state.slots.get(slot.name) is slot:
+                del self.state.slots[slot.name]  # read again on the next handshake
 
     async def _read(self, slot: DomainSlot) -> None:
         while True:
@@ -87,36 +106,69 @@ class SlotLoader:
         self.state.resident.add(slot)
         self.loaded()
 
+    async def fill(self, certs: Iterable[Item], pems: Iterable[Item]) -> int:
+        """Load every domain's slot from these records (whole certs/ and pem/ reads),
+        1,000 domains per loop turn; the count filled. A domain read meanwhile for a
+        handshake keeps what it read."""
+        filled = 0
+        # No collection until the slots are frozen: each full one would walk every slot
+        # filled so far (0.1 to 0.3 s stalls at 100,000, measured), and none of it is
+        # garbage.
+        with no_gc():
+            for done in self.state.fill_steps(certs, pems):
+                filled = done
+                await asyncio.sleep(0)
+            gc.freeze()  # long-lived, like the rest of the start-up state
+        self.loaded()
+        self.state.filling = None
+        return filled
+
+    async def fill_from(self, snapshot: SnapshotReader) -> int | None:
+        """fill() from the certificate sections of the supervisor's snapshot, as they
+        are announced (one section of ~2,000 records decoded per loop turn, no
+        collection meanwhile); None when the worker holds more domains than it keeps
+        certificates (then each is read on its name's first handshake)."""
+        loop = asyncio.get_running_loop()
+        certs: list[Item] = []
+        pems: list[Item] = []
+        with no_gc():
+            try:
+                while section := await loop.run_in_executor(None, snapshot.next_section):
+                    (certs if section.kind == CERTS else pems).extend(snapshot.items(section))
+                    await asyncio.sleep(0)
+            except (OSError, ValueError) as exc:
+                log.warning("the snapshot's certificates cannot be read (%s); each is read "
+                            "on its name's first handshake", exc)
+                certs, pems = [], []
+            if self.state.domain_count() > self.state.resident.capacity:
+                self.state.filling = None
+                return None
+            return await self.fill(certs, pems)
+
     async def warm(self) -> None:
-        """Read every certificate, in the background once the listeners serve, when
-        the store holds no more domains than the resident limit: start-up waits for
-        names and routes only (a name asked for meanwhile is read on its own), and
-        the loop runs between steps of 2,000 slots."""
+        """Read every certificate from the store, in the background once the listeners
+        serve, when the store holds no more domains than the resident limit and no
+        snapshot brought them (a name asked for meanwhile is read on its own)."""
         state = self.state
-        if len(state.slots) > state.resident.capacity:
+        if state.domain_count() > state.resident.capacity:
             return
         started = time.monotonic()
-        generations = {name: slot.generation for name, slot in state.slots.items()}
         try:
-            certs = await self.store.scan(rec.CERTS)
-            pems = await self.store.scan(rec.PEM)
+            certs = [i async for page in self.store.scan_pages(rec.CERTS) for i in page]
+            pems = [i async for page in self.store.scan_pages(rec.PEM) for i in page]
         except StoreError as exc:
             log.warning("could not read the certificates in advance (%s); each is read "
                         "on its name's first handshake", exc)
             return
-        filled = 0
-        for done in state.fill_steps(certs, pems, generations):
-            filled = done
-            await asyncio.sleep(0)
+        filled = await self.fill(certs, pems)
         del certs, pems
-        _trim_heap()  # the scans' pages are garbage now: give them back
-        self.loaded()
-        gc.freeze()  # long-lived, like the rest of the start-up state
+        trim_heap()  # the scans' pages are garbage now: give them back (not on a fill
+        #              from the snapshot: its pages are big buffers, freed as they go)
         log.info("read %d certificates in advance in %.2f s", filled,
                  time.monotonic() - started)
 
     def load_fresh(self) -> None:
-        """Load, in the background, the slots domain events created, while there is room."""
+        """Load, in the background, the domains events added, while there is room."""
         if self.state.fresh and (self._background is None or self._background.done()):
             self._background = asyncio.get_running_loop().create_task(
                 self._load_fresh(), name="load-new-domains")
@@ -124,23 +176,57 @@ class SlotLoader:
     async def _load_fresh(self) -> None:
         state = self.state
         while state.fresh:
-            slot = state.fresh.pop()
-            if not slot.loaded and state.resident.has_room():
-                await self.load(slot)
+            name = state.fresh.pop()
+            if name in state.slots or not state.resident.has_room():
+                continue
+            waiting = self.load(DomainSlot(name))
+            if waiting is not None:
+                await waiting
+
+
+class Followed(Protocol):
+    """What a StoreFollower keeps current: a worker's StoreState or the supervisor's
+    BriefState."""
+
+    revision: int
+
+    def apply(self, key: str, value: bytes | None) -> bool:
+        """Apply one change; True when the owner should hear of it."""
+        ...
+
+    async def reload(self, store: Store) -> None:
+        """Read everything again (the store's history no longer reaches `revision`)."""
+        ...
 
 
 class StoreFollower:
-    """Keeps a StoreState current from the store's watch; calls `changed` after each
-    batch of relevant events. Survives store outages: keeps the last state, retries
-    with backoff and resumes from the last revision it applied.
+    """Keeps a state current from the store's watch; calls `changed` after each batch
+    of relevant events. Survives store outages: keeps the last state, retries with
+    backoff and resumes from the last revision it applied.
     """
 
-    def __init__(self, store: Store, state: StoreState,
-                 changed: Callable[[], None]) -> None:
+    def __init__(self, store: Store, state: Followed, changed: Callable[[], None]) -> None:
         self.store = store
         self.state = state
         self.changed = changed
         self._pending: asyncio.TimerHandle | None = None
+        self._progress = asyncio.Event()
+
+    async def reach(self, revision: int, within: float) -> bool:
+        """Wait until the state has applied `revision` (run() must be running); False
+        when `within` seconds passed first. Calls `changed` before returning."""
+        deadline = asyncio.get_running_loop().time() + within
+        while self.state.revision < revision:
+            self._progress.clear()
+            remaining = deadline - asyncio.get_running_loop().time()
+            if remaining <= 0:
+                break
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._progress.wait(), remaining)
+        if self._pending is not None:
+            self._pending.cancel()
+            self._fire()
+        return self.state.revision >= revision
 
     async def run(self) -> None:
         delay = 0.1
@@ -152,9 +238,7 @@ class StoreFollower:
             except Compacted:
                 log.warning("store history compacted past revision %d; reloading",
                             self.state.revision)
-                fresh = await load_state(self.store, with_pem=self.state.with_pem,
-                                         resident=self.state.resident.capacity)
-                self.state.__dict__.update(fresh.__dict__)
+                await self.state.reload(self.store)
                 self._schedule()
             except StoreError as exc:
                 metrics.STORE_ERRORS.labels("watch").inc()
@@ -171,6 +255,7 @@ class StoreFollower:
         self.state.revision = max(self.state.revision, event.revision)
         if self.state.apply(event.key, event.value):
             self._schedule()
+        self._progress.set()
 
     def _schedule(self) -> None:
         # Coalesce a burst of events into one rebuild, a few ms later.

@@ -1,5 +1,6 @@
-"""The store as a node needs it (StoreState), read whole at start (load_state) and kept
-current by the follower's events.
+"""A worker's store state (StoreState): what serving needs per domain, read at start
+(from the supervisor's snapshot, sync/snapshot.py, or from the store: load_state) and
+kept current by the follower's events.
 """
 
 from __future__ import annotations
@@ -8,8 +9,9 @@ import contextlib
 import ctypes
 import gc
 import logging
+import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 
 import msgspec
@@ -22,108 +24,138 @@ from proxy.sync.entries import DomainSlot, Resident
 log = logging.getLogger("tlsedge.sync")
 
 
+class _DomainApp(msgspec.Struct, frozen=True, gc=False):
+    """The one field of a DomainRecord a worker keeps (msgspec skips the others)."""
+
+    app: str
+
+
+_domain_app = msgspec.json.Decoder(_DomainApp).decode
+
+
 @dataclass
 class StoreState:
-    """The store as the data plane needs it; sync's private, mutable working copy.
+    """The store as a worker needs it; sync's private, mutable working copy, changed on
+    the worker's loop only.
 
-    A watch event touches only the entry it names. Snapshots built from it are
-    immutable copies; the one mutable thing they point at is a domain's slot.
+    Per domain a worker keeps its name and app (`domains`, the app names interned:
+    ~125 bytes a domain, the name and one dict entry) and, only for a domain whose
+    certificate is held or being read, a DomainSlot (`slots`). `domains` is also the
+    route table's map of custom domains (compose.py): the config's domains that the
+    store does not have are in it too (`config_only`), so that no second
+    million-entry map is built or copied. A certificate table looks names up in
+    `slots` and `domains` when a handshake asks (compose.StoreNames): a domain with
+    no slot gets a new, unloaded one, which the listener has read before the
+    handshake (follow.SlotLoader), and which is kept while it is resident.
 
-    Certificates are kept in one of two forms, chosen by `with_pem`:
-    - a worker (True) keeps `slots`: domain name -> DomainSlot, created for every
-      store domain. A slot holds the domain's certificate records as the store
-      returned them (~1.7 kB each) once loaded; `resident` bounds how many are (LRU,
-      store.resident_certificates). A store with no more domains than that is read
-      whole at start; past it, a slot is loaded on its name's first handshake (the
-      listener reads the ClientHello's SNI and waits for `SlotLoader.prepare`).
-    - the supervisor (False) keeps `certs`: store key -> CertMeta, no PEM at all: it
-      serves no TLS and needs the metadata only (views, expiry metrics).
+    With at most `resident.capacity` domains every certificate is read at start (from
+    the supervisor's snapshot) and kept; past it, each on its name's first handshake,
+    the most recently used ones kept.
     """
 
-    domains: dict[str, rec.DomainRecord] = field(default_factory=dict)
-    certs: dict[str, CertBrief] = field(default_factory=dict)  # by store key
-    slots: dict[str, DomainSlot] = field(default_factory=dict)  # by domain name
+    domains: dict[str, str] = field(default_factory=dict)
+    slots: dict[str, DomainSlot] = field(default_factory=dict)
     apps: dict[str, rec.AppRecord] = field(default_factory=dict)
     challenges: dict[str, str] = field(default_factory=dict)
-    # Kept for views and metrics (the supervisor only); never affects what is served.
-    statuses: dict[str, StatusBrief] = field(default_factory=dict)
     revision: int = 0
-    with_pem: bool = True
     resident: Resident = field(default_factory=lambda: Resident(100_000))
-    # What changed since a Composer last looked: in a worker, the domains added or
-    # removed (a certificate change touches no table: it changes its slot in place),
-    # whether routes may differ, and `reset` when everything was (re)loaded; in the
-    # supervisor, every domain whose record, certificates or status changed.
-    touched: set[str] = field(default_factory=set)
+    # The config's custom domains (SIGHUP changes them), and those of them the store
+    # does not have: routed by `domains` too, but no store domain (no slot).
+    configured: dict[str, str] = field(default_factory=dict)
+    config_only: set[str] = field(default_factory=set)
+    # An app changed (the route table's app list is rebuilt), or everything was
+    # (re)loaded (the composer starts over).
     routes_touched: bool = False
     reset: bool = True
     # The earliest time a resident certificate starts or stops being valid (may be
     # stale-early: then one re-check finds nothing to change).
     next_change: float | None = None
-    # Slots created by a domain event, to load in the background while `resident`
-    # has room (so a store under the limit stays fully in memory).
-    fresh: list[DomainSlot] = field(default_factory=list)
+    # Domains added by events, to read in the background while `resident` has room
+    # (so a store under the limit stays fully in memory).
+    fresh: list[str] = field(default_factory=list)
+    # While certificates read earlier wait to be filled in (fill_steps): the domains
+    # whose certificate changed since, which the fill leaves to a read of their own.
+    filling: set[str] | None = None
+
+    def __post_init__(self) -> None:
+        self.resident.dropped = self._dropped
+
+    def is_domain(self, name: str) -> bool:
+        """Whether `name` is a store domain (not only a domain of the config)."""
+        return name in self.domains and name not in self.config_only
+
+    def domain_count(self) -> int:
+        return len(self.domains) - len(self.config_only)
 
     def apply(self, key: str, value: bytes | None) -> bool:
         """Apply one change; True when it matters to the data plane."""
         try:
             if key.startswith(rec.DOMAINS):
                 name = key[len(rec.DOMAINS):]
-                _put(self.domains, name, value, rec.DomainRecord)
-                if self.with_pem:
-                    self._domain_changed(name, value is not None)
-                else:
-                    self.touched.add(name)
+                app = None if value is None else sys.intern(_domain_app(value).app)
+                self._domain_changed(name, app)
             elif key.startswith(rec.CERTS):
-                if self.with_pem:
-                    return self._slot_cert(key, value)
-                if value is None:
-                    self.certs.pop(key, None)
-                else:
-                    self.certs[key] = _brief_decoder.decode(value)
-                self.touched.add(key[len(rec.CERTS):].rpartition("/")[0])
+                return self._slot_cert(key, value)
             elif key.startswith(rec.PEM):
-                return self.with_pem and self._slot_material(key, value)
+                return self._slot_material(key, value)
             elif key.startswith(rec.APPS):
                 _put(self.apps, key[len(rec.APPS):], value, rec.AppRecord)
-                self.routes_touched = self.with_pem
+                self.routes_touched = True
             elif key.startswith(rec.CHALLENGES):
                 token = rec.parse_challenge_key(key)
                 if value is None:
                     self.challenges.pop(token, None)
                 else:
                     self.challenges[token] = value.decode()
-            elif key.startswith(rec.STATUS):
-                if self.with_pem:
-                    return False  # never changes what is served
-                name = key[len(rec.STATUS):]
-                _put(self.statuses, name, value, StatusBrief)
-                self.touched.add(name)
             else:
-                return False
+                return False  # statuses and the rest never change what is served
         except (ValueError, BundleError) as exc:  # an unreadable record must not stop the others
             log.error("ignoring unreadable store record %s: %s", key, exc)
             return False
         return True
 
-    def _domain_changed(self, name: str, present: bool) -> None:
-        self.touched.add(name)  # its certificate index and its route
-        if not present:
+    def _domain_changed(self, name: str, app: str | None) -> None:
+        if app is None:
             slot = self.slots.pop(name, None)
             if slot is not None:
                 self.resident.discard(slot)
-        elif name not in self.slots:
-            slot = self.slots[name] = DomainSlot(name)
-            self.fresh.append(slot)
+            configured = self.configured.get(name)
+            if configured is None:
+                self.domains.pop(name, None)
+            else:  # the config routes it again
+                self.domains[name] = configured
+                self.config_only.add(name)
+            return
+        if not self.is_domain(name) and self.resident.has_room():
+            self.fresh.append(name)
+        self.domains[name] = app
+        self.config_only.discard(name)
+
+    def configure(self, configured: dict[str, str]) -> None:
+        """The config's custom domains (at start and on SIGHUP): routed where the store
+        has no domain of that name; the store's win."""
+        for name in self.configured.keys() | configured.keys():
+            if name in self.domains and name not in self.config_only:
+                continue  # a store domain
+            app = configured.get(name)
+            if app is None:
+                self.domains.pop(name, None)
+                self.config_only.discard(name)
+            else:
+                self.domains[name] = sys.intern(app)
+                self.config_only.add(name)
+        self.configured = dict(configured)
 
     def _slot_cert(self, key: str, value: bytes | None) -> bool:
-        """A certificate record changed: a loaded slot takes it in place (the table
-        keeps pointing at the slot); one not loaded reads it on first use."""
+        """A certificate record changed: a slot takes it in place (the table keeps
+        pointing at the slot); a domain without a slot reads it on first use."""
         name, _, source = key[len(rec.CERTS):].rpartition("/")
         slot = self.slots.get(name)
         if slot is None or source not in ("custom", "acme"):
+            if self.filling is not None:
+                self.filling.add(name)
             return False
-        slot.generation += 1  # a load in flight re-reads
+        slot.generation += 1  # a read in flight reads again
         if not slot.loaded:
             return False
         slot.set(source, value)
@@ -134,11 +166,18 @@ class StoreState:
         parsed = rec.parse_pem_key(key)
         slot = self.slots.get(parsed[0]) if parsed is not None else None
         if slot is None or parsed is None:
+            if self.filling is not None and parsed is not None:
+                self.filling.add(parsed[0])
             return False
         slot.generation += 1
         if slot.loaded:
             slot.set_material(parsed[2], value)
         return False  # the metadata event that follows switches the certificate
+
+    def _dropped(self, slot: DomainSlot) -> None:
+        """`resident` unloaded `slot` to make room: let it go (made again if asked)."""
+        if self.slots.get(slot.name) is slot:
+            del self.slots[slot.name]
 
     def note(self, boundary: float | None) -> None:
         if boundary is not None and (self.next_change is None or boundary < self.next_change):
@@ -151,58 +190,59 @@ class StoreState:
             self.note(slot.choose(now))
 
     def load(self, prefix: str, items: list[Item]) -> None:
-        """Apply a whole scan of `prefix`: one comprehension instead of a dispatch per
-        record (load_state's path; ~3x faster at 100,000 records)."""
-        try:
-            if prefix == rec.DOMAINS:
-                decode, cut = _domain_decoder.decode, len(rec.DOMAINS)
-                self.domains.update({i.key[cut:]: decode(i.value) for i in items})
-                if self.with_pem:
-                    slots = self.slots
-                    for name in self.domains:
-                        if name not in slots:
-                            slots[name] = DomainSlot(name)
-            elif prefix == rec.CERTS and not self.with_pem:  # a worker: fill_all
-                meta = _brief_decoder.decode
-                self.certs.update({i.key: meta(i.value) for i in items})
-            else:
-                raise ValueError("no bulk path")
-        except ValueError:  # record by record, so an unreadable one is logged and skipped
-            for item in items:
-                self.apply(item.key, item.value)
+        """Apply a page of a scan of `prefix`: the domains' in one comprehension instead
+        of a dispatch per record (~3x faster at 100,000 records)."""
+        if prefix == rec.DOMAINS:
+            try:
+                self.load_domains((i.key[len(rec.DOMAINS):], _domain_app(i.value).app)
+                                  for i in items)
+                return
+            except ValueError:
+                pass  # record by record below, so an unreadable one is logged and skipped
+        for item in items:
+            self.apply(item.key, item.value)
+
+    def load_domains(self, pairs: Iterable[tuple[str, str]]) -> None:
+        """(name, app) of store domains, read at start (a snapshot or a scan)."""
+        intern = sys.intern
+        self.domains.update((name, intern(app)) for name, app in pairs)
 
     def fill_all(self, certs: list[Item], pems: list[Item]) -> None:
-        """The whole certs/ and pem/ scans (a store within the resident limit): every
-        slot loaded, those without a certificate too (nothing left to read)."""
+        """The whole certs/ and pem/ scans (a store within the resident limit): a slot
+        for every domain, loaded, those without a certificate too."""
         for _ in self.fill_steps(certs, pems):
             pass
 
-    def fill_steps(self, certs: list[Item], pems: list[Item],
-                   generations: dict[str, int] | None = None,
-                   step: int = 2000) -> Iterator[int]:
-        """fill_all a `step` of slots at a time (yields the count so far), for a caller
-        that lets the loop run between steps. With `generations` (each slot's
-        generation when the scans began), a slot that changed since, or is loaded,
-        or is gone, is left as it is: its own read or events have it right."""
+    def fill_steps(self, certs: Iterable[Item], pems: Iterable[Item],
+                   step: int = 1000) -> Iterator[int]:
+        """fill_all `step` domains at a time (yields the count so far; ~10 ms a step),
+        for a caller that lets the loop run between steps. A domain whose slot exists already (read
+        on its own for a handshake) is left as it is, and so is one in `filling` (its
+        certificate changed since these records were read): both are right, or read
+        on their next handshake."""
         records: dict[str, dict[str, bytes]] = {}
         cut = len(rec.CERTS)
-        for item in certs:
+        for n, item in enumerate(certs, 1):
             name, _, source = item.key[cut:].rpartition("/")
             records.setdefault(name, {})[source] = item.value
+            if n % (4 * step) == 0:
+                yield 0
         materials: dict[str, dict[str, bytes]] = {}
-        for item in pems:
+        for n, item in enumerate(pems, 1):
             parsed = rec.parse_pem_key(item.key)
             if parsed is not None:
                 materials.setdefault(parsed[0], {})[parsed[2]] = item.value
-        names = list(self.slots) if generations is None else list(generations)
+            if n % (4 * step) == 0:
+                yield 0
+        names = [n for n in self.domains if n not in self.config_only]
         empty: dict[str, bytes] = {}
         now, done = time.time(), 0
         for at in range(0, len(names), step):
+            skip = self.filling or ()
             for name in names[at:at + step]:
-                slot = self.slots.get(name)
-                if slot is None or (generations is not None and (
-                        slot.loaded or slot.generation != generations[name])):
+                if name in self.slots or name in skip or not self.is_domain(name):
                     continue
+                slot = self.slots[name] = DomainSlot(name)
                 self.note(slot.fill(records.get(name, empty), materials.get(name, empty),
                                     now))
                 self.resident.add(slot, count=False)
@@ -211,25 +251,18 @@ class StoreState:
             yield done
 
 
-_domain_decoder = msgspec.json.Decoder(rec.DomainRecord)
-class CertBrief(rec.Record, frozen=True, gc=False):
-    """What the supervisor keeps of a certificate record: the serving choice and the
-    expiry metric need no more. ~0.2 kB where a CertMeta (names, issuer, key type)
-    was ~0.7 kB: at 1,000,000 domains, 0.5 GB."""
-
-    source: rec.CertSource
-    not_before: float
-    not_after: float
-    fingerprint: str
-
-
-class StatusBrief(rec.Record, frozen=True, gc=False):
-    """What the supervisor keeps of a status record (its messages are read per view)."""
-
-    state: rec.State
-
-
-_brief_decoder = msgspec.json.Decoder(CertBrief)
+    async def reload(self, store: Store) -> None:
+        """Read the store whole again (its history no longer reaches `revision`): new
+        maps, so the composer builds its tables again (`reset`)."""
+        fresh = await load_state(store, resident=self.resident.capacity)
+        self.domains, self.slots = fresh.domains, fresh.slots
+        self.apps, self.challenges = fresh.apps, fresh.challenges
+        self.revision, self.next_change = fresh.revision, fresh.next_change
+        self.resident = fresh.resident
+        self.resident.dropped = self._dropped
+        self.fresh, self.filling = [], None
+        self.configured, self.config_only = {}, set()  # the composer configures again
+        self.reset = True
 
 
 def _put(table: dict[str, rec.T], name: str, value: bytes | None, kind: type[rec.T]) -> None:
@@ -239,37 +272,32 @@ def _put(table: dict[str, rec.T], name: str, value: bytes | None, kind: type[rec
         table[name] = rec.decode(value, kind)
 
 
-async def load_state(store: Store, *, with_pem: bool = True, resident: int = 100_000,
+async def load_state(store: Store, *, resident: int = 100_000,
                      certificates: bool = True) -> StoreState:
-    """Everything the data plane needs, read at one revision (or slightly after:
-    replaying the watch from `revision` re-applies those changes idempotently).
+    """A worker's state read from the store itself, page by page, at one revision (or
+    slightly after: replaying the watch from `revision` re-applies those changes
+    idempotently). A worker normally starts from the supervisor's snapshot instead;
+    this is its path when the store's history no longer reaches that snapshot.
 
-    A worker (with_pem) skips statuses: they never change what is served; and reads
-    certificates only when the store holds at most `resident` domains (otherwise
-    each on first use, see StoreState), and `certificates` (a worker passes False
-    and reads them after its listeners serve: SlotLoader.warm).
+    Reads certificates only when the store holds at most `resident` domains (otherwise
+    each on first use), and `certificates`.
     """
-    state = StoreState(revision=await store.revision(), with_pem=with_pem,
-                       resident=Resident(resident))
-    prefixes = [rec.DOMAINS, rec.APPS, rec.CHALLENGES]
-    if not with_pem:
-        prefixes += [rec.CERTS, rec.STATUS]
-    for prefix in prefixes:
-        items = await store.scan(prefix)
-        with _no_gc():
-            state.load(prefix, items)
-        del items
-    if with_pem and certificates and len(state.domains) <= resident:
+    state = StoreState(revision=await store.revision(), resident=Resident(resident))
+    for prefix in (rec.DOMAINS, rec.APPS, rec.CHALLENGES):
+        async for items in store.scan_pages(prefix):
+            with no_gc():
+                state.load(prefix, items)
+    if certificates and state.domain_count() <= resident:
         certs, pems = await store.scan(rec.CERTS), await store.scan(rec.PEM)
-        with _no_gc():
+        with no_gc():
             state.fill_all(certs, pems)
         del certs, pems
-    _trim_heap()
+    trim_heap()
     return state
 
 
 @contextlib.contextmanager
-def _no_gc() -> Iterator[None]:
+def no_gc() -> Iterator[None]:
     """Millions of new objects set off collection after collection, each walking all
     of them: at 1,000,000 domains that was 4 s of a 7 s load (measured). Nothing a
     load builds is garbage, so collect nothing until it is done."""
@@ -282,26 +310,11 @@ def _no_gc() -> Iterator[None]:
             gc.enable()
 
 
-def _trim_heap() -> None:
+def trim_heap() -> None:
     """Hand the pages freed by a bulk load back to the kernel (glibc keeps them).
 
-    The supervisor decodes 100,000 records and drops their values: ~130 MB of freed
-    heap that RSS would otherwise keep. Best effort; a no-op without glibc.
+    A load decodes pages of records and drops their values: freed heap that RSS would
+    otherwise keep. Best effort; a no-op without glibc.
     """
     with contextlib.suppress(OSError, AttributeError):
         ctypes.CDLL(None).malloc_trim(0)
-
-
-def store_expiry(state: StoreState, now: float) -> list[tuple[str, str, float]]:
-    """(domain, source, not_after) of every store certificate served now, from a
-    metadata-only state (with_pem=False: the supervisor's). A certificate several
-    domains share is listed once, under the first of them."""
-    seen: dict[str, tuple[str, str, float]] = {}
-    certs = state.certs
-    for name in state.domains:
-        chosen = rec.serving_certificate(certs.get(rec.cert_key(name, "custom")),
-                                         certs.get(rec.cert_key(name, "acme")), now)
-        if chosen is not None:
-            seen.setdefault(chosen.fingerprint,
-                            (name, chosen.source, chosen.not_after))
-    return list(seen.values())

@@ -4,8 +4,9 @@ Answers with JSON describing the request (method, path, headers, body length and
 sha256, which backend answered), echoes bodies on /echo, gives any status on
 /status/<code>, a chunked body on /chunked and answers late on /slow[?seconds].
 Also: /bytes/<n> and /bytes-chunked/<n> (n deterministic bytes, fixed-length or
-chunked), /sse?<n> (n server-sent events, 100 ms apart, close-delimited) and a
-WebSocket echo on /ws (RFC 6455 framing).
+chunked; a request header `X-Response-Header: Name: value` adds that header),
+/sse?<n> (n server-sent events, 100 ms apart, close-delimited) and a WebSocket echo
+on /ws (RFC 6455 framing).
 Keep-alive capable (HTTP/1.1); runs in a thread. Each request records the client
 port it came on, so tests can count the TCP connections the edge opened.
 """
@@ -79,6 +80,12 @@ def ws_read(read: Callable[[int], bytes]) -> tuple[int, bytes]:
     return b0 & 0x0F, data
 
 
+class _Server(ThreadingHTTPServer):
+    # socketserver's listen backlog is 5: a burst of new connections from the edge
+    # (100 HTTP/2 streams at once) would overflow it and be reset.
+    request_queue_size = 256
+
+
 class Backend:
     def __init__(self, name: str = "b1", port: int = 0) -> None:
         self.name = name
@@ -129,6 +136,9 @@ class Backend:
                     out = pattern(n)
                     self.send_response(200)
                     self.send_header("Content-Type", "application/octet-stream")
+                    extra = self.headers.get("X-Response-Header")
+                    if extra:
+                        self.send_header(*(p.strip() for p in extra.split(":", 1)))
                     if self.path.startswith("/bytes-chunked/"):
                         self.send_header("Transfer-Encoding", "chunked")
                         self.end_headers()
@@ -210,7 +220,7 @@ class Backend:
             def log_message(self, format: str, *args: object) -> None:
                 pass
 
-        self.server = ThreadingHTTPServer(("127.0.0.1", port), Handler)
+        self.server = _Server(("127.0.0.1", port), Handler)
         self.server.daemon_threads = True
         self.port = self.server.server_address[1]
         self.address = f"127.0.0.1:{self.port}"
