@@ -142,7 +142,9 @@ def run(directory: str, *, https_port: int | None = None, http_port: int | None 
         "  certificates: [{cert: shop.pem, key: shop.key}]\n"
         "store: {path: store}\n"
         "admin: {token_file: admin-token}   # created (0600) at the first start\n"
-        f"apps: {{hello: {{backends: [\"127.0.0.1:{backend.server_address[1]}\"]}}}}\n"
+        # force_https: plain HTTP to the app answers with a redirect (the demo shows it).
+        f"apps: {{hello: {{backends: [\"127.0.0.1:{backend.server_address[1]}\"], "
+        "force_https: true}}\n"
         f"domains: {{{CUSTOM}: hello}}\n")
 
     def ready() -> None:

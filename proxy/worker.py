@@ -164,6 +164,11 @@ class WorkerNode:
             self.live.selector = selector
             self.static = static
             self.live.tls_context = self._base(selector)
+        # Ops certificates the new config no longer lists (rotated files): their
+        # contexts serve nothing new, so they leave the cache now, not by LRU.
+        kept = {entry.context_key for entry in static.static_entries}
+        self.cache.forget(entry.context_key for entry in self.static.static_entries
+                          if entry.context_key not in kept)
         self.static = static
         self.live.limits = static.config.limits
         self.live.reject_misdirected = static.config.tls.reject_misdirected

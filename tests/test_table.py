@@ -310,3 +310,41 @@ def test_a_slot_not_loaded_when_the_sni_callback_runs_is_answered_as_one_without
         assert served_fingerprint(port, "shop.example.com") == entries["exact"].fingerprint
         assert served_fingerprint(port, "new.example.org") == entries["default"].fingerprint
     assert _count("unloaded") == before + 2
+
+
+class _ChangingEntry(CertEntry):
+    """An entry whose certificate changes in place, as a store domain's slot does."""
+
+    __slots__ = ("built_key",)
+
+    def __init__(self, bundle: CertBundle) -> None:
+        super().__init__(bundle, "custom")
+        self.built_key = b""
+
+    def replace(self, other: CertEntry) -> None:
+        self._bundle = other.bundle
+        self.context_key = other.context_key
+        self.fingerprint = other.fingerprint
+
+
+def test_a_replaced_certificate_leaves_the_cache_at_its_next_build(ca: CA) -> None:
+    first = _entry(ca, "slot.example.test")
+    slot = _ChangingEntry(first.bundle)
+    cache = ContextCache(SETTINGS)
+    old = cache.get(slot)
+    for _ in range(5):  # renewed, re-uploaded, corrected: one context at a time
+        slot.replace(_entry(ca, "slot.example.test"))
+        assert cache.get(slot) is not old
+        assert len(cache) == 1
+    unrelated = _entry(ca, "other.example.test")
+    cache.get(unrelated)
+    assert len(cache) == 2 and unrelated in cache
+
+
+def test_forget_drops_the_contexts_of_certificates_no_longer_served(ca: CA) -> None:
+    cache = ContextCache(SETTINGS)
+    rotated, kept = _entry(ca, "ops.example.test"), _entry(ca, "keep.example.test")
+    cache.get(rotated)
+    cache.get(kept)
+    cache.forget([rotated.context_key])
+    assert rotated not in cache and kept in cache

@@ -3,14 +3,13 @@ one-label wildcard, then default), a bounded LRU of SSLContexts, and the selecto
 listener's SNI callback runs. The callback never does I/O, never raises, and never
 parses PEM for a cached certificate.
 
-One intended departure from "snapshots, not mutation": a store domain's entry is a
-mutable slot (sync.DomainSlot) inside the otherwise immutable table. Which names the
-table maps, and to which entry, never changes (a domain added or removed makes a new
-table); what a slot serves does, in place, on the worker's loop between handshakes,
-when its certificate is loaded, replaced, expires or is unloaded. At a million domains
-a certificate event then costs one slot's update instead of a new table, and a
-certificate read on a name's first handshake needs no table swap; the price is that
-a table is a snapshot of names and routes, not of certificates.
+One intended departure from "snapshots, not mutation": a worker's table looks store
+domains up in the worker's store state (sync.StoreNames over sync.StoreState), which
+store events change in place, on the worker's loop between handshakes: a domain added
+or removed, a certificate loaded, replaced, expired or unloaded (each domain's entry a
+mutable slot, sync.DomainSlot). At a million domains an event then costs a dict write
+instead of a new table, and no second million-entry map is kept; the price is that a
+table is a snapshot of the config's names and certificates, not of the store's.
 """
 
 from __future__ import annotations
@@ -117,11 +116,27 @@ class ContextCache:
         bundle = entry.bundle  # a store entry decodes its record here, from memory (~5 us)
         ctx = server_context(bundle.chain_pem, bundle.key_pem, self._settings, bundle.names)
         CONTEXT_BUILDS.inc()
+        # An entry that changes in place (a store domain's slot) names the key it was
+        # built for last: that context serves nothing new now (a replaced, renewed or
+        # corrected certificate), so it leaves at once instead of waiting for the LRU
+        # (~20 kB each: a certificate replaced every few seconds grew the worker by
+        # ~0.3 MB a minute). Connections using it keep their own reference.
+        retired = getattr(entry, "built_key", None)
+        if retired is not None:
+            if retired and retired != key:
+                contexts.pop(retired, None)
+            entry.built_key = key  # type: ignore[attr-defined]
         contexts[key] = ctx
         if len(contexts) > self._max_size:
             contexts.popitem(last=False)
         CONTEXT_CACHE_SIZE.set(len(contexts))
         return ctx
+
+    def forget(self, keys: Iterable[bytes]) -> None:
+        """Drop the contexts built for `keys` (certificates no table serves any more)."""
+        for key in keys:
+            self._contexts.pop(key, None)
+        CONTEXT_CACHE_SIZE.set(len(self._contexts))
 
     def __contains__(self, entry: object) -> bool:
         """Whether `entry` (a CertEntry) has its context built."""

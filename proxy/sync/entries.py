@@ -86,7 +86,8 @@ class DomainSlot(CertEntry):
     context is built) and serves what records.serving_certificate picks.
     """
 
-    __slots__ = ("acme", "chosen", "custom", "generation", "loaded", "name", "pems", "used")
+    __slots__ = ("acme", "built_key", "chosen", "custom", "generation", "loaded", "name",
+                 "pems", "used")
 
     def __init__(self, name: str) -> None:  # the base's __init__ wants a bundle
         self.name = name
@@ -99,6 +100,9 @@ class DomainSlot(CertEntry):
         self.loaded = False
         self.generation = 0  # bumped by every certificate event for this domain
         self.used = 0.0  # time.monotonic() of the last handshake prepared for it
+        # The context_key the context cache last built for this slot (it drops that
+        # context when the slot's certificate changes: see ContextCache.get).
+        self.built_key = b""
         self._clear()
 
     def _clear(self) -> None:
