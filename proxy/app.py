@@ -108,15 +108,15 @@ class DomainCounts:
         """After a batch of store events: log the domains whose view changed (not after
         a (re)load, which is no change to log); returns the domains the batch named."""
         state = self.state
+        if state.loading is not None:  # the start-up read: logged once it is done
+            return set(state.touched)
         touched, state.touched = state.touched, {}
-        if state.loading is not None:  # the start-up read: no change to log yet
-            return set(touched)
         if state.reset:
             state.reset = False
             return set(touched)
         for name, old in touched.items():
             brief = state.domains.get(name)
-            new = brief.view if brief is not None else None
+            new = brief.view if brief is not None and brief.app is not None else None
             if new != old:
                 _log_change(name, old, new, brief.app or "" if brief is not None else "")
         return set(touched)

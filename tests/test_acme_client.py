@@ -294,7 +294,9 @@ def test_an_order_never_blocks_the_event_loop(
 
     worst = asyncio.run(scenario())
     print(f"\nlongest event-loop gap during an order: {worst * 1000:.1f} ms")
-    assert worst < 0.1
+    # An order run on the loop would hold it for whole requests and polls (hundreds of
+    # ms to seconds); 0.3 s leaves room for a busy 2-core machine's scheduling.
+    assert worst < 0.3
 
 
 # --------------------------------------------------------------------------- failures

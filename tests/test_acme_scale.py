@@ -175,8 +175,8 @@ def sample(name: str, **labels: str) -> float:
 
 def assert_orders(pebble: Pebble, expected: int) -> None:
     """Pebble logs an order as it takes it, a moment after answering: look until the log
-    says `expected` (a few seconds at most), then that it says no more."""
-    deadline = time.monotonic() + 10
+    says `expected` (seconds; longer on a busy machine), then that it says no more."""
+    deadline = time.monotonic() + 60
     while pebble.order_count() < expected and time.monotonic() < deadline:
         time.sleep(0.05)
     assert pebble.order_count() == expected

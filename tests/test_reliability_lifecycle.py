@@ -41,6 +41,7 @@ from proxy.lifecycle.acme import AcmeClient, AcmeSettings
 from proxy.lifecycle.dnscheck import DnsChecker, DnsSettings
 from proxy.lifecycle.domains import Lifecycle, LifecycleSettings
 from proxy.registry import Registry, utc_text
+from proxy.store import open_store as open_node_store
 from proxy.store import records as rec
 from proxy.store.base import Store
 from proxy.store.etcd import EtcdSettings, EtcdStore
@@ -279,7 +280,12 @@ def test_supervisor_restarts_a_lifecycle_task_killed_by_an_injected_exception(
         supervisor = Supervisor(str(config_path))
         stop = asyncio.Event()
         restarts = sample("tlsedge_node_task_restarts_total", task="lifecycle")
-        tasks = await supervisor._node_tasks(stop)
+        # The node's tasks as run() starts them: after its one read of the store.
+        supervisor.store = open_node_store(supervisor.snapshot.config)
+        serving = asyncio.Event()
+        serving.set()
+        reading = await supervisor._read_store(serving)
+        tasks = [reading, *await supervisor._node_tasks(stop, reading)]
         assert supervisor.store is not None
         registry = Registry(supervisor.store, platform_domain=PLATFORM, apps={"my-app"})
         try:

@@ -96,8 +96,9 @@ class _Malformed(Exception):
 class Stream:
     """One request stream: the `ClientSide` of its exchange."""
 
-    __slots__ = ("body_paused", "client", "end_sent", "ending", "exchange", "id", "out",
-                 "out_size", "req", "reset", "session", "stop_body", "unacked", "write_paused")
+    __slots__ = ("body_paused", "client", "dirty", "end_sent", "ending", "exchange", "id",
+                 "out", "out_size", "req", "reset", "session", "stop_body", "unacked",
+                 "write_paused")
 
     def __init__(self, session: H2Session, stream_id: int) -> None:
         self.session = session
@@ -110,6 +111,7 @@ class Stream:
         self.out_size = 0
         self.ending = False  # the response is complete once `out` is sent
         self.end_sent = False  # END_STREAM went out
+        self.dirty = False  # in the session's list of streams to push at uncork
         self.reset = False  # reset (by either side): nothing more is sent
         # Answered before the client sent its whole body: RST_STREAM NO_ERROR after
         # END_STREAM tells it to stop (RFC 9113 8.1).
@@ -524,7 +526,8 @@ class H2Session(asyncio.Protocol):
         """Move the stream's output now, or at the uncork of the read in progress (one
         DATA frame with END_STREAM for a small response, one write for the read)."""
         if self.corked:
-            if stream not in self._dirty:
+            if not stream.dirty:  # a flag: a list lookup was O(streams) per write
+                stream.dirty = True
                 self._dirty.append(stream)
         else:
             self._push(stream)
@@ -627,6 +630,7 @@ class H2Session(asyncio.Protocol):
             return
         dirty, self._dirty = self._dirty, []
         for stream in dirty:
+            stream.dirty = False
             self._push(stream)
         self._flush()
 

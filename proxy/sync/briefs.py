@@ -304,9 +304,9 @@ class BriefState:
         return counts
 
     def loaded(self) -> None:
-        """The start-up read is done (and counted): events are news from here on."""
+        """The start-up read is done (and counted): the events seen while it went on
+        (`touched`, with their views before) are logged at the next batch."""
         self.loading = None
-        self.reset = True
 
     def recount(self, name: str, brief: DomainBrief, now: float) -> None:
         """Count `brief` as it is now (its old contribution is taken out first)."""
@@ -439,8 +439,8 @@ class _Change:
 
     def __enter__(self) -> DomainBrief:
         state, brief = self.state, self.brief
-        if self.name not in state.touched:
-            state.touched[self.name] = brief.view
+        if self.name not in state.touched:  # None: not a domain before (no record yet)
+            state.touched[self.name] = brief.view if brief.app is not None else None
         state.tally.remove(self.name, brief)
         return brief
 

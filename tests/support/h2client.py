@@ -64,7 +64,8 @@ class H2Client:
             self.conn.update_settings({h2.settings.SettingCodes.INITIAL_WINDOW_SIZE: window})
         self.responses: dict[int, Response] = {}
         self.goaway: h2.events.ConnectionTerminated | None = None
-        self.closed = False
+        self.closed = False  # the server's EOF (or a reset) was read
+        self.send_failed = False
         self.auto_ack = True  # give back stream and connection window as data arrives
         self.error: h2.exceptions.ProtocolError | None = None  # what h2 refused to read
         self._buf = bytearray()
@@ -82,7 +83,8 @@ class H2Client:
         try:
             self.sock.sendall(data)
         except OSError:
-            self.closed = True
+            # The server closed: what it sent before (its GOAWAY) is still to be read.
+            self.send_failed = True
 
     def send_frames(self, frames: Iterable[Frame]) -> None:
         self.flush()
@@ -123,7 +125,7 @@ class H2Client:
             window = min(self.conn.local_flow_control_window(sid),
                          self.conn.max_outbound_frame_size)
             if window <= 0:
-                if time.monotonic() > deadline or self.closed:
+                if time.monotonic() > deadline or self.closed or self.send_failed:
                     raise TimeoutError("the server never opened its window")
                 self.flush()
                 self.pump(lambda: self.conn.local_flow_control_window(sid) > 0,
