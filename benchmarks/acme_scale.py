@@ -55,6 +55,7 @@ POLL = 0.1  # seconds between two looks at the store
 HANDSHAKERS = 16  # verifying handshakes at once
 # Measured by the issue on this kind of machine (Caddy 2, one node, against pebble).
 CADDY = {20: 10.6, 200: 190.7}
+ACCOUNT_ORDERS = 300  # acme.limits.account's default (Let's Encrypt's, per 3 h)
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -65,6 +66,10 @@ def _parser() -> argparse.ArgumentParser:
                    help="give a run up to this many seconds")
     p.add_argument("--quick", action="store_true", help="harness check: 20 names, one node")
     p.add_argument("--keep", action="store_true", help="keep the work dir (logs, stores)")
+    p.add_argument("--concurrency", type=int, default=0,
+                   help="acme.concurrency of each node (default: the config's default)")
+    p.add_argument("--store-dir", type=Path,
+                   help="put the one node's file store there (e.g. /dev/shm: no disk)")
     return p
 
 
@@ -74,7 +79,7 @@ def _names(count: int, run: str) -> list[str]:
 
 
 def _node_config(name: str, workdir: Path, ca: CA, store: dict[str, Any],
-                 pebble: Pebble, dns: DNSServer) -> dict[str, Any]:
+                 pebble: Pebble, dns: DNSServer, more: dict[str, Any]) -> dict[str, Any]:
     platform = ca.issue([f"*.{PLATFORM}"])
     cert, key = platform.write(workdir, "platform")
     return {
@@ -83,7 +88,7 @@ def _node_config(name: str, workdir: Path, ca: CA, store: dict[str, Any],
         "store": store, "node": {"name": name},
         "apps": {"shop": {"backends": ["127.0.0.1:9"]}},
         "limits": {"drain_timeout": 2.0},
-        "acme": {"directory": pebble.directory_url, "email": "ops@bench.test",
+        "acme": {"directory": pebble.directory_url, "email": "ops@bench.test", **more,
                  "ca_bundle": str(pebble.ca_bundle_path),
                  "dns": {"edge_addresses": ["127.0.0.1"], "resolvers": [dns.address],
                          "check_interval": 1}},
@@ -91,13 +96,13 @@ def _node_config(name: str, workdir: Path, ca: CA, store: dict[str, Any],
 
 
 @contextlib.contextmanager
-def _cluster(workdir: Path, nodes: int, dns: DNSServer, ca: CA
-             ) -> Iterator[tuple[list[Edge], Pebble, Store, Path]]:
+def _cluster(workdir: Path, nodes: int, dns: DNSServer, ca: CA, store_dir: Path | None,
+             acme: dict[str, Any]) -> Iterator[tuple[list[Edge], Pebble, Store, Path]]:
     """`nodes` edges (files for one, etcd for three) and the pebble validating through
     the first one's port 80 (the others' challenges reach it through the store)."""
     with contextlib.ExitStack() as stack:
         if nodes == 1:
-            store_config: dict[str, Any] = {"path": str(workdir / "store")}
+            store_config: dict[str, Any] = {"path": str((store_dir or workdir) / "store")}
         else:
             etcd = stack.enter_context(EtcdServer(workdir / "etcd"))
             store_config = {"backend": "etcd", "endpoints": [etcd.endpoint],
@@ -110,7 +115,8 @@ def _cluster(workdir: Path, nodes: int, dns: DNSServer, ca: CA
         pebble = stack.enter_context(Pebble(http_port=edges[0].http_port, dns_port=dns.port,
                                             workdir=workdir / "pebble"))
         for index, edge in enumerate(edges):
-            config = _node_config(f"n{index}", edge.workdir, ca, store_config, pebble, dns)
+            config = _node_config(f"n{index}", edge.workdir, ca, store_config, pebble, dns,
+                                  acme)
             edge.write_config({"listen": edge.config["listen"], **config})
             stack.callback(edge.__exit__, None, None, None)
             edge.start(timeout=60)
@@ -140,10 +146,14 @@ def _cpu(pids: list[int]) -> float:
     return procstat.cpu_seconds([p for pid in pids for p in procstat.tree(pid)])
 
 
-def run_one(count: int, nodes: int, deadline: float, workdir: Path) -> dict[str, Any]:
+def run_one(count: int, nodes: int, deadline: float, workdir: Path,
+            store_dir: Path | None = None, acme: dict[str, Any] | None = None
+            ) -> dict[str, Any]:
+    acme = acme or {}
     ca = CA.new("acme bench CA")
     names = _names(count, f"{nodes}n{count}")
-    with DNSServer() as dns, _cluster(workdir, nodes, dns, ca) as (edges, pebble, store, root):
+    with DNSServer() as dns, _cluster(workdir, nodes, dns, ca, store_dir, acme) as (
+            edges, pebble, store, root):
         for name in names:
             dns.set_a(name, ["127.0.0.1"])
         pids = [e.proc.pid for e in edges if e.proc is not None]
@@ -183,7 +193,9 @@ def run_one(count: int, nodes: int, deadline: float, workdir: Path) -> dict[str,
                 "orders": pebble.order_count(), "handshakes": len(names) * len(edges),
                 "tlsedge_cpu_s": round(_cpu(pids) - cpu_before[0], 1),
                 "pebble_cpu_s": round(_cpu([pebble.pid or 0]) - cpu_before[1], 1),
-                "caddy_s": CADDY.get(count) if nodes == 1 else None}
+                "caddy_s": CADDY.get(count) if nodes == 1 else None,
+                "account_limit": acme.get("limits", {}).get("account", {}).get(
+                    "count", ACCOUNT_ORDERS)}
 
 
 def _table(rows: list[dict[str, Any]]) -> str:
@@ -210,7 +222,17 @@ def main(argv: list[str] | None = None) -> int:
         for count in counts:
             workdir = base / f"{nodes}n{count}"
             workdir.mkdir()
-            row = run_one(count, nodes, args.deadline, workdir)
+            store_dir = None
+            if args.store_dir is not None:
+                store_dir = Path(tempfile.mkdtemp(prefix="acme-bench-", dir=args.store_dir))
+            acme: dict[str, Any] = {"concurrency": args.concurrency} if args.concurrency else {}
+            if count > ACCOUNT_ORDERS:
+                # Past Let's Encrypt's 300 orders per 3 h the budget would (rightly) hold
+                # the rest at one per 36 s: pebble has no limit, so raise the account's.
+                acme["limits"] = {"account": {"count": count, "period": 10800}}
+            row = run_one(count, nodes, args.deadline, workdir, store_dir, acme)
+            if store_dir is not None:
+                subprocess.run(["rm", "-rf", str(store_dir)], check=False)
             print(f"{count} names, {nodes} node(s): verified in {row['verified_s']:.2f} s, "
                   f"{row['orders']} orders", file=sys.stderr)
             rows.append(row)

@@ -1,16 +1,23 @@
-"""Cluster scale (issue #6): seeding, start-up and propagation with N domains in etcd.
+"""Cluster scale (issues #6, #17): seeding, start-up and propagation with N domains in etcd.
 
 Starts a real etcd on loopback, seeds N domains (domain, key material and ACME certificate
 records, as the registry writes them) in 128-operation transactions, then runs real
 `tlsedge run` nodes against it, twice: at the default store.resident_certificates and at
 a small one (--resident). Each time node B's start-up is timed to its first handshake for
-a seeded name, with RSS per process, then A and C join and K certificate uploads written
-on A's side are timed until B and C serve them. Writes only under a temp work dir,
-benchmarks/.cache and benchmarks/results/.
+a seeded name, with RSS per process (and bytes per domain, over a node on an empty
+store) and its workers' longest event-loop stall, then A and C join and K certificate
+uploads written on A's side are timed until B and C serve them. Then, on node B
+(benchmarks/scale_probes.py; --no-extras skips them): a /metrics scrape, admin API pages
+(first page, a rare status, a name-prefix search, a common status; 100 calls each),
+`tlsedge domains list --json | wc -l` with the CLI's peak RSS, a bulk add of --bulk
+domains (the workers' stalls meanwhile), and a worker SIGKILLed (until its socket is
+served again). --files N runs one node on a file store of N domains instead (start-up).
+Writes only under a temp work dir, benchmarks/.cache and benchmarks/results/.
 
     .venv/bin/python benchmarks/cluster_scale.py --quick              # harness check
     .venv/bin/python benchmarks/cluster_scale.py                      # 100,000 domains
-    .venv/bin/python benchmarks/cluster_scale.py --domains 1000000 --keep
+    .venv/bin/python benchmarks/cluster_scale.py --domains 1000000 --configs default
+    .venv/bin/python benchmarks/cluster_scale.py --files 100000       # the file store
 """
 
 from __future__ import annotations
@@ -31,7 +38,7 @@ import sys
 import tempfile
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -43,6 +50,7 @@ sys.path[:0] = [str(HERE), str(ROOT)]
 
 import grpc  # noqa: E402
 import grpc.aio  # noqa: E402
+import scale_probes as probes  # noqa: E402
 from aetcd import rpc  # noqa: E402
 from table_scale import generate  # noqa: E402
 
@@ -88,26 +96,58 @@ def domain_name(index: int) -> str:
     return f"site{index}.customer{index % 997}.example"
 
 
-async def seed(endpoint: str, count: int) -> Seeded:
-    """Write `count` domains with a certificate record each, TXNS_IN_FLIGHT txns at once."""
-    records, key_pems, _, _ = generate(min(count, MAX_CERTS))
+def error_name(index: int) -> str:
+    return f"failing{index}.customer{index % 997}.example"
+
+
+async def seed_errors(endpoint: str, count: int) -> None:
+    """`count` domains in Error (no certificate, a status record saying so): the rare
+    status an admin filters by (pending_dns needs an acme: section, whose lifecycle is
+    not measured here)."""
+    now = time.time()
+    records = []
+    for i in range(count):
+        name = error_name(i)
+        records += [(rec.domain_key(name), rec.encode(rec.DomainRecord(
+                        name=name, app=APP, letsencrypt=True, created_at=now))),
+                    (rec.status_key(name), rec.encode(rec.StatusRecord(
+                        domain=name, state="error", last_error="benchmark: refused",
+                        updated_at=now)))]
+    await put_records(endpoint, records)
+
+
+async def put_records(endpoint: str, records: list[tuple[str, bytes]]) -> None:
+    prefix = PREFIX.encode()
+    async with grpc.aio.insecure_channel(endpoint) as channel:
+        kv = rpc.KVStub(channel)
+        for at in range(0, len(records), TXN_OPS):
+            await kv.Txn(rpc.TxnRequest(success=[
+                rpc.RequestOp(request_put=rpc.PutRequest(key=prefix + k.encode(), value=v))
+                for k, v in records[at:at + TXN_OPS]]), timeout=120)
+
+
+async def seed(endpoint: str, count: int, start: int = 0) -> Seeded:
+    """Write `count` domains with a certificate record each, TXNS_IN_FLIGHT txns at once
+    (domains `start` to `start + count`: a bulk add after the first seeding)."""
+    records, key_pems, _, _ = generate(min(start + count, MAX_CERTS))
     distinct = len(records)
     keys = [k.decode() for k in key_pems]
     chains = [r["chain_pem"].decode() for r in records]
     names = [records[i]["names"][0] if i < distinct else domain_name(i)
-             for i in range(count)]
+             for i in range(start, start + count)]
     now = time.time()
     prefix = PREFIX.encode()
 
     def put(key: str, value: bytes) -> Any:
         return rpc.RequestOp(request_put=rpc.PutRequest(key=prefix + key.encode(), value=value))
 
-    def ops(start: int) -> list[Any]:
+    def ops(first: int) -> list[Any]:
         out = []
-        for i in range(start, min(start + PER_TXN, count)):
-            r, name = records[i % distinct], names[i]
+        for i in range(first, min(first + PER_TXN, count)):
+            r, name = records[(start + i) % distinct], names[i]
             domain = rec.DomainRecord(name=name, app=APP, letsencrypt=True, created_at=now)
-            material = rec.KeyMaterial(chain_pem=chains[i % distinct], key_pem=keys[r["key"]])
+            material = rec.KeyMaterial(chain_pem=chains[(start + i) % distinct],
+                                       key_pem=keys[r["key"]])
             # `names` are the certificate's own: past MAX_CERTS they do not name the domain.
             cert = rec.CertRecord(
                 domain=name, source="acme", names=tuple(r["names"]),
@@ -119,22 +159,23 @@ async def seed(endpoint: str, count: int) -> Seeded:
                     put(rec.cert_key(name, "acme"), rec.encode(cert))]
         return out
 
-    starts = iter(range(0, count, PER_TXN))  # shared: each batch goes to one writer
+    firsts = iter(range(0, count, PER_TXN))  # shared: each batch goes to one writer
     done = [0]
     started = time.monotonic()
     async with grpc.aio.insecure_channel(endpoint) as channel:
         kv = rpc.KVStub(channel)
 
         async def writer() -> None:
-            for start in starts:
-                await kv.Txn(rpc.TxnRequest(success=ops(start)), timeout=120)
+            for first in firsts:
+                await kv.Txn(rpc.TxnRequest(success=ops(first)), timeout=120)
                 done[0] += 1
                 if done[0] % 2000 == 0:
                     print(f"  seeded {done[0] * PER_TXN:,} domains "
                           f"({time.monotonic() - started:.0f} s)", flush=True)
         await asyncio.gather(*(writer() for _ in range(TXNS_IN_FLIGHT)))
-    return Seeded(names, [records[i % distinct]["fingerprint"] for i in range(count)],
-                  distinct, time.monotonic() - started, done[0])
+    return Seeded(names, [records[(start + i) % distinct]["fingerprint"]
+                          for i in range(count)], distinct, time.monotonic() - started,
+                  done[0])
 
 
 def etcd_status(endpoint: str) -> tuple[str, int]:
@@ -253,7 +294,9 @@ def measure_startup(edge: Edge, seeded: Seeded, endpoint: str, probe: int,
             loaded = round(time.monotonic() - started, 3)
             break
         time.sleep(0.05)
+    time.sleep(5.0)  # the workers' certificates from the snapshot (within the limit)
     rss_start = node_rss(edge)
+    stall = probes.startup_stall(edge)
     times, wrong = [], 0
     for i in sample:
         t = time.perf_counter()
@@ -262,6 +305,7 @@ def measure_startup(edge: Edge, seeded: Seeded, endpoint: str, probe: int,
         wrong += seeded.fingerprints[i] not in ("", got)
     return {"first_handshake_s": round(first, 3), "serving_log_s": round(ready, 3),
             "supervisor_loaded_s": loaded, "rss_start_mib": rss_start,
+            "startup_stall_max_s": stall,
             "rss_after_names_mib": node_rss(edge), "names": len(sample),
             "name_handshake_ms": summary(times), "wrong_certificates": wrong}
 
@@ -368,6 +412,8 @@ class Bench:
     uploads: int
     start_timeout: float
     edges: list[Edge]            # every node started, for the cleanup
+    extras: bool = True          # node_b_checks after the uploads
+    bulk: int = 10_000           # domains of the bulk add
 
     def fresh(self, k: int) -> list[int]:
         """k domain indexes no node has ever been asked for."""
@@ -388,7 +434,7 @@ def run_config(bench: Bench, resident: int | None, label: str) -> dict[str, Any]
         workdir = bench.workdir / label / node
         workdir.mkdir(parents=True)
         config = node_config(node, workdir, bench.ca, bench.endpoint, resident)
-        nodes[node] = Edge(workdir, config, start=False)
+        nodes[node] = Edge(workdir, config, start=False, admin=node == "b")
         bench.edges.append(nodes[node])
     if resident is None:
         resident = config_mod.StoreSettings().resident_certificates
@@ -413,7 +459,10 @@ def run_config(bench: Bench, resident: int | None, label: str) -> dict[str, Any]
         out["propagation"] = asyncio.run(propagate(
             nodes, bench.ca, bench.seeded, bench.endpoint,
             {"resident": resident_names, "never_served": bench.fresh(bench.uploads)}))
-    except RuntimeError as exc:
+        if bench.extras and label == "default":
+            step = "node b at scale"
+            out["node_b"] = node_b_checks(bench, nodes["b"])
+    except (RuntimeError, AssertionError, OSError) as exc:
         out["failed"] = {"step": step, "error": str(exc).splitlines()[0],
                          "log_tail": {n: e.log().splitlines()[-30:] for n, e in nodes.items()}}
         print(f"[{label}] FAILED in {step}: {str(exc).splitlines()[0]}", flush=True)
@@ -421,6 +470,39 @@ def run_config(bench: Bench, resident: int | None, label: str) -> dict[str, Any]
     for edge in nodes.values():
         edge.stop(timeout=20)
     out["log_problems"] = log_problems(nodes)
+    return out
+
+
+def node_b_checks(bench: Bench, edge: Edge) -> dict[str, Any]:
+    """Issue #17's checks on node b: a /metrics scrape, admin API pages, `domains list`,
+    a bulk add of --bulk domains, a worker SIGKILLed; RSS at the end."""
+    out: dict[str, Any] = {}
+    print("[b] /metrics", flush=True)
+    out["scrape"] = probes.scrape(edge)
+    print("[b] admin API pages", flush=True)
+    seeded = bench.seeded.names
+    prefix = seeded[len(seeded) // 2][:9]
+    out["admin"] = probes.admin_pages(edge, {
+        "first page": "limit=100", "status=error": "status=error&limit=100",
+        "prefix search": f"prefix={prefix}&limit=100",
+        "status=in_use": "status=in_use&limit=100"})
+    print("[b] tlsedge domains list --json | wc -l", flush=True)
+    out["cli_list"] = probes.cli_list(edge)
+    print(f"[b] bulk add of {bench.bulk:,} domains", flush=True)
+    added: list[Seeded] = []
+
+    def write() -> list[str]:
+        added.append(asyncio.run(seed(bench.endpoint, bench.bulk,
+                                      start=len(bench.seeded.names))))
+        return added[0].names
+
+    out["bulk_add"] = probes.bulk_add(
+        edge, write, lambda name: served(edge, name) == added[0].fingerprints[-1])
+    print("[b] SIGKILL of a worker", flush=True)
+    probe = bench.sample[-1]
+    out["worker_kill"] = probes.kill_worker(edge, seeded[probe],
+                                            bench.seeded.fingerprints[probe], served)
+    out["rss_end_mib"] = node_rss(edge)
     return out
 
 
@@ -475,6 +557,8 @@ def print_table(result: dict[str, Any]) -> None:
     for proc in ("supervisor", "worker 1", "worker 2"):
         row(f"RSS {proc} after start (MiB)", "startup", "rss_start_mib", proc)
         row(f"RSS {proc} after names (MiB)", "startup", "rss_after_names_mib", proc)
+    row("longest worker stall after start (s)", "startup", "startup_stall_max_s")
+    per_domain(result, row_values=rows)
     row("handshakes to distinct names", "startup", "names")
     row("  per handshake median/max (ms)", "startup", "name_handshake_ms")
     row("  wrong certificate served", "startup", "wrong_certificates")
@@ -484,6 +568,7 @@ def print_table(result: dict[str, Any]) -> None:
         row("  from upload call start (ms)", "propagation", kind, "from_call_ms")
         row("  missed (not served in 15 s)", "propagation", kind, "missed")
         row("  upload call median/max (ms)", "propagation", kind, "upload_call_ms")
+    node_b_rows(row)
     width = max(len(r[0]) for r in rows)
     print(f"{'':<{width}}  " + "  ".join(f"{h:>26}" for h in heads))
     for label, values in rows:
@@ -496,6 +581,37 @@ def print_table(result: dict[str, Any]) -> None:
             print(f"[{c['label']}] log: {line}")
     print(f"load average (1/5/15 min) before: {result['load_before']}, after: "
           f"{result['load_after']} ({result['cpus']} cores, shared with other work)")
+
+
+def per_domain(result: dict[str, Any], row_values: list[tuple[str, list[str]]]) -> None:
+    """Bytes per domain in each process: RSS after start over a node's on an empty store."""
+    base = result.get("baseline_rss_mib") or {}
+    count = result["domains"] + result.get("errors", 0)
+    for proc in ("supervisor", "worker 1"):
+        values = []
+        for c in result["configs"]:
+            rss = c.get("startup", {}).get("rss_start_mib", {}).get(proc)
+            values.append("-" if rss is None or base.get(proc) is None
+                          else f"{(rss - base[proc]) * 2**20 / count:.0f}")
+        row_values.append((f"  {proc}: bytes per domain", values))
+
+
+def node_b_rows(row: Callable[..., None]) -> None:
+    row("/metrics scrape (bytes)", "node_b", "scrape", "bytes")
+    row("  scrape p50/p99/max (ms)", "node_b", "scrape", "ms")
+    for kind in ("first page", "status=error", "prefix search", "status=in_use"):
+        row(f"admin {kind} p50/p99/max (ms)", "node_b", "admin", kind, "ms")
+        row("  rows", "node_b", "admin", kind, "rows")
+    row("domains list --json: lines", "node_b", "cli_list", "lines")
+    row("  seconds", "node_b", "cli_list", "seconds")
+    row("  peak RSS (MiB)", "node_b", "cli_list", "peak_rss_mib")
+    row("bulk add: domains", "node_b", "bulk_add", "domains")
+    row("  last one served after (s)", "node_b", "bulk_add", "last_served_s")
+    row("  worker stalls over 50 ms", "node_b", "bulk_add", "stalls", "over_50ms")
+    row("  longest stall at most (s)", "node_b", "bulk_add", "stalls", "longest_at_most_s")
+    row("worker SIGKILL: serving again (s)", "node_b", "worker_kill", "serving_again_s")
+    for proc in ("supervisor", "worker 1", "worker 2"):
+        row(f"RSS {proc} at the end (MiB)", "node_b", "rss_end_mib", proc)
 
 
 def load() -> str:
@@ -521,11 +637,18 @@ def parse_args() -> argparse.Namespace:
         "default,small", "default", "small"), help="which resident settings to run")
     p.add_argument("--start-timeout", type=float, default=1200.0,
                    help="seconds one node may take to serve (default 1200)")
+    p.add_argument("--errors", type=int, default=1000,
+                   help="domains in Error besides (the rare status filtered by)")
+    p.add_argument("--bulk", type=int, default=10_000, help="domains of the bulk add")
+    p.add_argument("--no-extras", action="store_true",
+                   help="skip node b's checks (scrape, admin, CLI, bulk add, worker kill)")
+    p.add_argument("--files", type=int, default=0, metavar="N",
+                   help="instead: one node on a file store of N domains (start-up only)")
     p.add_argument("--keep", action="store_true", help="keep the work dir (etcd, logs)")
     p.add_argument("--quick", action="store_true", help="2,000 domains, 5 uploads, 200 names")
     opts = p.parse_args()
     if opts.quick:
-        opts.domains, opts.uploads, opts.names = 2000, 5, 200
+        opts.domains, opts.uploads, opts.names, opts.errors, opts.bulk = 2000, 5, 200, 50, 500
     return opts
 
 
@@ -548,8 +671,62 @@ def workspace(keep: bool) -> Iterator[Path]:
             shutil.rmtree(path, ignore_errors=True)
 
 
+def baseline(bench: Bench) -> dict[str, float | None]:
+    """RSS of a node on an empty store (another prefix): what a domain costs is the rest."""
+    workdir = bench.workdir / "baseline"
+    workdir.mkdir()
+    config = node_config("empty", workdir, bench.ca, bench.endpoint, None)
+    config["store"]["prefix"] = "/empty/"
+    edge = Edge(workdir, config, start=False)
+    bench.edges.append(edge)
+    edge.start(timeout=60)
+    time.sleep(3.0)
+    rss = node_rss(edge)
+    edge.stop(timeout=20)
+    return rss
+
+
+def files_run(opts: argparse.Namespace) -> dict[str, Any]:
+    """One node (2 workers) on a FileStore of --files domains (benchmarks/certs.py's
+    seeded store, cached): start-up to the first handshake, twice (the first may write
+    the store's checkpoints), RSS and the longest worker stall after start-up."""
+    from certs import seeded_store
+
+    store = seeded_store(opts.files)
+    runs = []
+    with workspace(opts.keep) as workdir:
+        config = node_config("files", workdir, CA.new("tlsedge files benchmark CA"), "", None)
+        config["store"] = {"path": str(store.path)}
+        config.pop("node")
+        edge = Edge(workdir, config, start=False)
+        try:
+            for _ in range(2):
+                probe = len(store.names) // 2
+                run = probes.files_startup(edge, store.names[probe], store.fingerprints[probe],
+                                           served, opts.start_timeout)
+                while "store read:" not in edge.log().rsplit("serving https", 1)[-1]:
+                    time.sleep(0.1)
+                time.sleep(5.0)
+                run["rss_mib"] = node_rss(edge)
+                run["startup_stall_max_s"] = probes.startup_stall(edge)
+                runs.append(run)
+                edge.stop(timeout=20)
+        finally:
+            edge.kill()
+    return {"files": opts.files, "runs": runs}
+
+
 def main() -> None:
     opts = parse_args()
+    if opts.files:
+        result = {"command": shlex.join([sys.executable, *sys.argv]), "cpus": os.cpu_count(),
+                  "load_before": load(), **files_run(opts), "load_after": load()}
+        print(json.dumps(result, indent=2))
+        out = HERE / "results" / time.strftime("files-%Y%m%d-%H%M%S.json")
+        out.parent.mkdir(exist_ok=True)
+        out.write_text(json.dumps(result, indent=2) + "\n")
+        print(f"wrote {out}")
+        return
     # SIGTERM runs the finally blocks below, which stop every node and etcd.
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     result: dict[str, Any] = {
@@ -563,6 +740,8 @@ def main() -> None:
         stack.callback(stop_all, edges)  # before etcd stops: nodes drain quietly
         print(f"seeding {opts.domains:,} domains into etcd at {etcd.endpoint}", flush=True)
         seeded = asyncio.run(seed(etcd.endpoint, opts.domains))
+        asyncio.run(seed_errors(etcd.endpoint, opts.errors))
+        result["errors"] = opts.errors
         version, db_size = etcd_status(etcd.endpoint)
         assert etcd.proc is not None
         result["etcd_version"] = version
@@ -576,7 +755,8 @@ def main() -> None:
         sample = list(range(0, seeded.distinct, step))[:opts.names + 1]
         bench = Bench(workdir, CA.new("tlsedge cluster benchmark CA"), etcd.endpoint, seeded,
                       sample, random.Random(6), set(sample), opts.uploads, opts.start_timeout,
-                      edges)
+                      edges, extras=not opts.no_extras, bulk=opts.bulk)
+        result["baseline_rss_mib"] = baseline(bench)
         residents = {"default": None, "small": opts.resident}
         result["configs"] = [run_config(bench, residents[label], label)
                              for label in opts.configs.split(",")]

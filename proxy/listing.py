@@ -2,29 +2,34 @@
 read a page at a time: never the whole store per request, whatever its size.
 
 `page` answers one page in name order after a cursor (`after`: the last name of the
-previous page), filtered by status, app and name prefix. Its domains come from one range
-read of `domains/` (the prefix narrows the range), their certificates and statuses from
-one range read each, covering the page's names. A status few domains have is answered
-from the node's index (registry.DomainIndex: the supervisor keeps the names in each
-status as store events change them), each of its page's domains read on its own;
-a filter many domains pass (a common status, an app) walks the range, at most
-WALK_BUDGET domains a request: a page may then hold fewer than `limit` domains, and
-`next` says where to go on. `stream` yields every domain, a page at a time (the CLI).
+previous page), filtered by status, app and name prefix.
+
+- In the supervisor (the admin API, the dashboard), its index (registry.DomainIndex,
+  sync.BriefState) knows every domain's name in order, app and status, kept as store
+  events change them: a page's names come from there (a status few domains have from
+  its set of names, any other filter by looking at most WALK_BUDGET names a request: a
+  page may then be short, and `next` says where to go on), and their records from one
+  get_many (an etcd transaction per 32 domains). No range read of `domains/`: etcd 3.4
+  walks a range whole however small its limit.
+- Without it (the CLI), the page's domains come from one range read of `domains/` (the
+  prefix narrows it), their certificates and statuses from one range read each,
+  covering the page's names (bounded ranges: they cost what they hold). `stream`
+  yields every domain this way, 5,000 at a time.
 
 The config file's own domains (registry: source "config") come with the first page.
 """
 
 from __future__ import annotations
 
-import asyncio
 import heapq
-from collections.abc import AsyncIterator, Iterable, Mapping
+from collections.abc import AsyncIterator, Mapping, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 from proxy.errors import RegistryError
-from proxy.registry import STATUS_LABELS, DomainView, Registry, derive_view
+from proxy.registry import STATUS_LABELS, DomainIndex, DomainView, Registry, derive_view
 from proxy.store import records as rec
-from proxy.store.base import Item
+from proxy.store.base import Event, Item, Lease, Store, Write
 
 MAX_LIMIT = 1000
 WALK_BUDGET = 20_000  # domains a filtered request looks at before it answers
@@ -67,29 +72,116 @@ class Page:
     next: str | None  # `after` for the next page; None after the last one
 
 
+class WriteTracking:
+    """A Store that notes the revision of the writes made through it (`written`): the
+    admin API's, so that a listing from the node's index waits for the index to have
+    them (a domain added, then listed, is in the list). Everything else passes through."""
+
+    def __init__(self, inner: Store) -> None:
+        self.inner = inner
+        self.written = 0
+
+    def __getattr__(self, name: str) -> Any:  # backend extras (health, checkpoint)
+        if name == "inner":
+            raise AttributeError(name)
+        return getattr(self.inner, name)
+
+    async def put(self, key: str, value: bytes, *, expect: int | None = None,
+                  secret: bool = False) -> int:
+        revision = await self.inner.put(key, value, expect=expect, secret=secret)
+        self.written = max(self.written, revision)
+        return revision
+
+    async def put_all(self, writes: Sequence[Write]) -> int:
+        revision = await self.inner.put_all(writes)
+        self.written = max(self.written, revision)
+        return revision
+
+    async def delete(self, key: str, *, expect: int | None = None) -> bool:
+        deleted = await self.inner.delete(key, expect=expect)
+        if deleted:
+            self.written = max(self.written, await self.inner.revision())
+        return deleted
+
+    async def get(self, key: str) -> Item | None:
+        return await self.inner.get(key)
+
+    async def get_many(self, keys: Sequence[str]) -> list[Item | None]:
+        return await self.inner.get_many(keys)
+
+    async def scan(self, prefix: str) -> list[Item]:
+        return await self.inner.scan(prefix)
+
+    def scan_pages(self, prefix: str, *, after: str = "", before: str = "", page: int = 0
+                   ) -> AsyncIterator[list[Item]]:
+        return self.inner.scan_pages(prefix, after=after, before=before, page=page)
+
+    async def keys(self, prefix: str) -> list[str]:
+        return await self.inner.keys(prefix)
+
+    async def revision(self) -> int:
+        return await self.inner.revision()
+
+    def watch(self, prefix: str, after: int) -> AsyncIterator[Event]:
+        return self.inner.watch(prefix, after)
+
+    async def lock(self, name: str, *, ttl: float, wait: float = 0.0) -> Lease:
+        return await self.inner.lock(name, ttl=ttl, wait=wait)
+
+    async def close(self) -> None:
+        await self.inner.close()
+
+
 async def page(registry: Registry, query: Query) -> Page:
     """One page of domains in name order (see the module's docstring)."""
     after, status, app, prefix = query.after, query.status, query.app, query.prefix
     limit, index = query.limit, registry.index
+    if index is not None and isinstance(registry.store, WriteTracking):
+        await index.settle(registry.store.written)
     extra = [] if after else _config_views(registry, status, app, prefix)
     if status == "config":  # the config's own: no store domain has it
         return Page(extra, None)
-    if status is not None and index is not None:
-        names = index.with_status(status)
-        if len(names) * 8 <= index.domain_count():  # few: from the index
-            found = await _from_index(registry, list(names), after, limit, app, prefix)
-            return Page(found.views + extra, found.next)
-    found = await _walk(registry, after, limit, status, app, prefix)
+    if index is None:
+        found = await _walk(registry, after, limit, status, app, prefix)
+    elif status is not None and len(index.with_status(status)) * 8 <= index.domain_count():
+        found = await _from_status(registry, index, after, limit, status, app, prefix)
+    else:
+        found = await _from_index(registry, index, after, limit, status, app, prefix)
     return Page(found.views + extra, found.next)
 
 
-async def _from_index(registry: Registry, names: list[str], after: str, limit: int,
-                      app: str | None, prefix: str) -> Page:
-    picked = heapq.nsmallest(limit + 1, (n for n in names if n > after and n.startswith(prefix)))
+async def _from_status(registry: Registry, index: DomainIndex, after: str, limit: int,
+                       status: str, app: str | None, prefix: str) -> Page:
+    """A status few domains have: its names from the index, sorted here."""
+    names = [n for n in list(index.with_status(status))
+             if n > after and n.startswith(prefix)
+             and (app is None or (index.describe(n) or ("", ""))[0] == app)]
+    picked = heapq.nsmallest(limit + 1, names)
     more = len(picked) > limit
-    views = [v for v in await _named_views(registry, picked[:limit])
-             if app is None or v.app == app]
+    views = await _named_views(registry, picked[:limit])
     return Page(views, picked[limit - 1] if more else None)
+
+
+async def _from_index(registry: Registry, index: DomainIndex, after: str, limit: int,
+                      status: str | None, app: str | None, prefix: str) -> Page:
+    """The index's names in order from `after`, filtered in memory: at most
+    WALK_BUDGET of them looked at, then `next` says where to go on."""
+    picked: list[str] = []
+    last = None
+    for examined, name in enumerate(index.names(after, prefix), 1):
+        if status is not None or app is not None:
+            seen = index.describe(name)
+            if seen is None or (app is not None and seen[0] != app) or (
+                    status is not None and seen[1] != status):
+                if examined >= WALK_BUDGET:
+                    last = name
+                    break
+                continue
+        picked.append(name)
+        if len(picked) > limit:
+            break
+    views = await _named_views(registry, picked[:limit])
+    return Page(views, picked[limit - 1] if len(picked) > limit else last)
 
 
 async def _walk(registry: Registry, after: str, limit: int, status: str | None,
@@ -119,11 +211,14 @@ async def _walk(registry: Registry, after: str, limit: int, status: str | None,
     return Page(found, None)
 
 
-async def stream(registry: Registry, *, size: int = 1000) -> AsyncIterator[list[DomainView]]:
-    """Every domain, `size` at a time, in name order, the config's own at the end."""
-    async for items in registry.store.scan_pages(rec.DOMAINS, page=size):
-        yield await _range_views(registry, [rec.decode(i.value, rec.DomainRecord)
-                                            for i in items])
+async def stream(registry: Registry, *, size: int = 5000
+                 ) -> AsyncIterator[list[DomainView]]:
+    """Every domain, `size` at a time, in name order, the config's own at the end (the
+    domains read in the store's own pages: bounded ranges)."""
+    async for items in registry.store.scan_pages(rec.DOMAINS):
+        for at in range(0, len(items), size):
+            yield await _range_views(registry, [rec.decode(i.value, rec.DomainRecord)
+                                                for i in items[at:at + size]])
     extra = _config_views(registry, None, None, "")
     if extra:
         yield extra
@@ -165,19 +260,12 @@ async def _range_views(registry: Registry, domains: list[rec.DomainRecord]
 
 
 async def _range(registry: Registry, first: str, last: str, size: int) -> list[Item]:
-    """The items with keys from `first` to `last` (both included)."""
+    """The items with keys from `first` to `last` (both included): a bounded range, so
+    it costs what it holds."""
     prefix = first[:first.index("/") + 1]
-    found: list[Item] = []
-    pages = registry.store.scan_pages(prefix, after=_just_before(first), page=size + 1)
-    try:
-        async for items in pages:
-            for item in items:
-                if item.key > last:
-                    return found
-                found.append(item)
-    finally:
-        await pages.aclose()  # type: ignore[attr-defined]
-    return found
+    return [item async for items in registry.store.scan_pages(
+        prefix, after=_just_before(first), before=last + "\0", page=size + 1)
+        for item in items]
 
 
 def _just_before(key: str) -> str:
@@ -185,26 +273,21 @@ def _just_before(key: str) -> str:
     return key[:-1] + chr(ord(key[-1]) - 1) + "\x7f"
 
 
-async def _named_views(registry: Registry, names: Iterable[str]) -> list[DomainView]:
-    """Views of domains anywhere in the store: each one's records read on their own,
-    32 domains at a time."""
-    slots = asyncio.Semaphore(32)
-
-    async def one(name: str) -> DomainView | None:
-        async with slots:
-            domain, certs, status = await asyncio.gather(
-                registry.store.get(rec.domain_key(name)),
-                registry.store.scan(f"{rec.CERTS}{name}/"),
-                registry.store.get(rec.status_key(name)))
-        if domain is None:
-            return None  # removed meanwhile
-        by_key = {i.key: i for i in certs}
-        return derive_view(rec.decode(domain.value, rec.DomainRecord),
-                           _meta(by_key.get(rec.cert_key(name, "custom"))),
-                           _meta(by_key.get(rec.cert_key(name, "acme"))),
-                           _status(status), registry.clock(), acme_on=registry.acme)
-
-    return [v for v in await asyncio.gather(*(one(n) for n in names)) if v is not None]
+async def _named_views(registry: Registry, names: list[str]) -> list[DomainView]:
+    """Views of domains anywhere in the store: their records read in one get_many (a
+    transaction per 32 domains on etcd)."""
+    keys = [key for name in names for key in (
+        rec.domain_key(name), rec.cert_key(name, "custom"), rec.cert_key(name, "acme"),
+        rec.status_key(name))]
+    found = await registry.store.get_many(keys)
+    now, views = registry.clock(), []
+    for at, _ in enumerate(names):
+        domain, custom, acme, status = found[4 * at:4 * at + 4]
+        if domain is not None:  # else removed meanwhile
+            views.append(derive_view(rec.decode(domain.value, rec.DomainRecord),
+                                     _meta(custom), _meta(acme), _status(status), now,
+                                     acme_on=registry.acme))
+    return views
 
 
 def _meta(item: Item | None) -> rec.CertMeta | None:

@@ -12,7 +12,7 @@ import asyncio
 import contextlib
 import dataclasses
 import time
-from collections.abc import AsyncIterator, Callable, Collection, Mapping, Sequence
+from collections.abc import AsyncIterator, Callable, Collection, Iterator, Mapping, Sequence
 from dataclasses import asdict, dataclass
 from typing import Any, Protocol
 
@@ -195,6 +195,19 @@ class DomainIndex(Protocol):
 
     def status_counts(self) -> dict[str, int]:
         """Domains by status, kept as they change (no scan)."""
+        ...
+
+    def names(self, after: str, prefix: str) -> Iterator[str]:
+        """Domain names after `after` that start with `prefix`, in order."""
+        ...
+
+    def describe(self, name: str) -> tuple[str, str] | None:
+        """(app, status) of a domain now; None for no domain."""
+        ...
+
+    async def settle(self, revision: int) -> None:
+        """Return once the index has applied `revision` (a write this node just made),
+        or after a short wait."""
         ...
 
 

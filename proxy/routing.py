@@ -66,9 +66,9 @@ class RouteTable:
 
     `<app>.<platform_domain>` routes to app `<app>`; custom domains (and one-label
     wildcards, `*.shop.example.com`) route through the `domains` map (host -> app
-    name; a dict, or the immutables.Map a worker's composer updates per store event
-    without copying a million names). Lookups
-    take an already lower-cased host without port.
+    name; a worker's is its store state's own map, which store events change in place
+    on the worker's loop: sync.StoreState, so a million names are never copied).
+    Lookups take an already lower-cased host without port.
     """
 
     __slots__ = ("_apps", "_domains", "_suffix", "platform_domain")
@@ -78,7 +78,7 @@ class RouteTable:
         self.platform_domain = platform_domain
         self._suffix = "." + platform_domain
         self._apps = dict(apps)
-        self._domains = domains  # never mutated: the caller hands over its own copy
+        self._domains = domains  # the caller's: changed only on the loop that reads it
 
     @property
     def apps(self) -> Mapping[str, App]:

@@ -401,11 +401,13 @@ def test_domains_list_streams_every_domain_as_one_json_array(
         tmp_path: Path, ca: CA, backend: Backend, etcd: EtcdServer,
         certs: list[Issued]) -> None:
     """`tlsedge domains list --json` reads and prints a page at a time: the whole array,
-    in name order, with a peak memory far below what holding every domain took."""
+    in name order, with a peak memory far below what holding every domain took (60,000
+    domains: ~180 MiB that way, ~90 MiB a page at a time)."""
     import subprocess
     import sys
 
-    records = [r for i in range(COUNT)
+    count = 3 * COUNT
+    records = [r for i in range(count)
                for r in domain_records(name_of(i), APPS[i % 3], certs[i % 4])]
     seed(etcd.endpoint, records)
     edge = Edge(tmp_path, node_config(tmp_path, ca, backend, etcd, resident=10),
@@ -418,8 +420,32 @@ def test_domains_list_streams_every_domain_as_one_json_array(
         capture_output=True, text=True, timeout=120)
     assert listed.returncode == 0, listed.stderr
     views = json.loads(listed.stdout)
-    assert [v["name"] for v in views] == sorted(name_of(i) for i in range(COUNT))
+    assert [v["name"] for v in views] == sorted(name_of(i) for i in range(count))
     assert views[0]["in_use"] == "letsencrypt"
     peak_mib = int(re.search(r"VmHWM:\s+(\d+)", listed.stderr).group(1)) / 1024  # type: ignore[union-attr]
-    print(f"\n`domains list --json` of {COUNT} domains: peak RSS {peak_mib:.0f} MiB")
-    assert peak_mib < 80  # holding every domain's records and views took ~110 MiB
+    print(f"\n`domains list --json` of {count} domains: peak RSS {peak_mib:.0f} MiB")
+    assert peak_mib < 120
+
+
+def test_the_supervisors_sorted_names_follow_adds_and_removals() -> None:
+    """The index listings page from: in order after any name, as names come and go
+    (blocks split and empty), like sorting the set again."""
+    import random
+
+    from proxy.sync.briefs import SortedNames
+
+    rng = random.Random(17)
+    names = {name_of(i) for i in range(5000)}
+    ordered = SortedNames(names)
+    for _ in range(20_000):
+        name = name_of(rng.randrange(8000))
+        if rng.random() < 0.5:
+            names.add(name)
+            ordered.add(name)
+        else:
+            names.discard(name)
+            ordered.discard(name)
+    everything = sorted(names)
+    assert list(ordered.after("")) == everything and len(ordered) == len(names)
+    for start in ("", "site4", name_of(4321), "site9", "zzz"):
+        assert list(ordered.after(start))[:50] == [n for n in everything if n > start][:50]

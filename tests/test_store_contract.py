@@ -352,9 +352,10 @@ def test_scan_and_keys_are_sorted_and_match_a_string_prefix(
     run(store_backend, body)
 
 
-async def paged(store: Store, prefix: str, *, after: str = "", page: int = 0
-                ) -> list[list[Item]]:
-    return [items async for items in store.scan_pages(prefix, after=after, page=page)]
+async def paged(store: Store, prefix: str, *, after: str = "", before: str = "",
+                page: int = 0) -> list[list[Item]]:
+    return [items async for items in store.scan_pages(prefix, after=after, before=before,
+                                                      page=page)]
 
 
 def test_paged_scan_returns_what_scan_returns_in_pages_of_the_asked_size(
@@ -372,11 +373,32 @@ def test_paged_scan_returns_what_scan_returns_in_pages_of_the_asked_size(
         assert [i for p in await paged(store, "certs/", after=after, page=5)
                 for i in p] == whole[12:]
         assert await paged(store, "certs/", after=whole[-1].key) == []
+        assert [i for p in await paged(store, "certs/", after=whole[3].key,
+                                       before=whole[17].key, page=6)
+                for i in p] == whole[4:17]
+        assert [i for p in await paged(store, "certs/", before=whole[5].key + "\0")
+                for i in p] == whole[:6]
         assert await paged(store, "nothing/") == []
         [[material]] = await paged(store, "pem/")
         assert material.value == b"key material"
         first = await anext(aiter(store.scan_pages("certs/", page=4)))
         assert first == whole[:4]  # a caller may stop after one page
+    run(store_backend, body)
+
+
+def test_get_many_reads_what_get_reads_in_the_keys_order(store_backend: StoreBackend) -> None:
+    async def body(store: Store) -> None:
+        keys = [f"domains/d{i:03}.example" for i in range(300)]
+        for key in keys[::2]:
+            await store.put(key, key.encode())
+        await store.put("pem/d000.example/acme/f", b"key material", secret=True)
+        wanted = [*reversed(keys), "pem/d000.example/acme/f", "nothing/here"]
+        found = await store.get_many(wanted)  # past one etcd transaction's 128 reads
+        assert found == [await store.get(key) for key in wanted]
+        assert [i is not None for i in found[:300]] == [int(k[9:12]) % 2 == 0
+                                                        for k in reversed(keys)]
+        assert found[300] is not None and found[300].value == b"key material"
+        assert await store.get_many([]) == []
     run(store_backend, body)
 
 
@@ -864,6 +886,34 @@ def test_paged_scan_reads_a_checkpoint_merged_with_the_changes_logged_after_it(
 
 def _pairs(items: list[Item]) -> list[tuple[str, bytes, int]]:
     return [(i.key, i.value, i.revision) for i in items]
+
+
+def test_etcd_paged_scans_read_each_page_over_its_own_key_range(
+        tmp_path: Path, etcd_server: EtcdServer, monkeypatch: pytest.MonkeyPatch) -> None:
+    """etcd 3.4 walks a range whole however small its limit: scan_pages marks each
+    page's first key with a keys-only walk (in pages of its own), then reads each page
+    over its exact range, all at one revision; pages and walk pages of any sizes."""
+    from proxy.store import etcd
+
+    backend = EtcdBackend(tmp_path)
+
+    async def body(store: Store) -> None:
+        for i in range(100):
+            await store.put(f"domains/d{i:03}.example", b"%d" % i)
+        whole = await store.scan("domains/")
+        for big, bounds in ((7, 10), (10, 10), (1, 3), (64, 1000)):
+            monkeypatch.setattr(etcd, "_BIG_PAGE", big)
+            monkeypatch.setattr(etcd, "_BOUNDS", bounds)
+            pages = await paged(store, "domains/", after=whole[4].key)
+            assert [len(p) for p in pages[:-1]] == [big] * (len(pages) - 1)
+            assert [i for p in pages for i in p] == whole[5:]
+        monkeypatch.setattr(etcd, "_BIG_PAGE", 7)
+        pages_iter = store.scan_pages("domains/")
+        first = await anext(pages_iter)
+        await store.delete(whole[50].key)
+        await store.put("domains/d0505.example", b"new")
+        assert first + [i async for p in pages_iter for i in p] == whole  # one revision
+    run(backend, body)
 
 
 def test_a_damaged_record_is_reported_not_returned(tmp_path: Path) -> None:

@@ -105,15 +105,23 @@ class Store(Protocol):
         """The item at `key`, or None."""
         ...
 
+    async def get_many(self, keys: Sequence[str]) -> list[Item | None]:
+        """The items at `keys`, in their order (None where absent): one call for what
+        would be len(keys) get() calls (etcd: a read-only transaction per MAX_WRITES
+        keys, each at one revision; files: one thread hop). For a listing's page."""
+        ...
+
     async def scan(self, prefix: str) -> list[Item]:
         """Every item whose key starts with `prefix`, sorted by key."""
         ...
 
-    def scan_pages(self, prefix: str, *, after: str = "", page: int = 0
+    def scan_pages(self, prefix: str, *, after: str = "", before: str = "", page: int = 0
                    ) -> AsyncIterator[list[Item]]:
-        """What scan(prefix) returns, restricted to keys after `after` (a whole key; ""
-        from the start), as successive lists of at most `page` items (0: the backend's
-        own size, as large as it can serve at once), sorted by key across pages.
+        """What scan(prefix) returns, restricted to keys after `after` and before `before`
+        (whole keys; "": no bound), as successive lists of at most `page` items (0: the
+        backend's own size, as large as it serves well), sorted by key across pages.
+        A bounded range costs what it holds (etcd 3.4 walks a range whole, whatever the
+        page: a caller that wants a few keys bounds both ends).
 
         For a caller that folds a large prefix into its own state (a node's start-up,
         a listing) page by page instead of holding every raw record at once. The pages

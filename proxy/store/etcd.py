@@ -40,6 +40,7 @@ _PAGE = 1000  # keys per Range call of a scan: one call never carries the whole 
 # of certificate metadata, ~12 MB of key material (the channel accepts 256 MB). At a
 # million domains, 100 calls instead of 1,000 for the domains.
 _BIG_PAGE = 10_000
+_BOUNDS = 100_000  # keys per call of the keys-only walk that bounds those pages (~5 MB)
 _LOCK_POLL = (0.05, 0.5)  # first and longest pause between two tries of a held lock
 T = TypeVar("T")
 
@@ -264,6 +265,21 @@ class EtcdStore:
         kv = response.kvs[0]
         return Item(key, bytes(kv.value), kv.mod_revision)
 
+    async def get_many(self, keys: Sequence[str]) -> list[Item | None]:
+        found: list[Item | None] = []
+        for at in range(0, len(keys), MAX_WRITES):
+            chunk = keys[at:at + MAX_WRITES]
+            request = rpc.TxnRequest(success=[
+                rpc.RequestOp(request_range=rpc.RangeRequest(key=self._key(key)))
+                for key in chunk])
+            response = await self._unary("get", f"read {chunk[0]} and {len(chunk) - 1} more",
+                                         self._kv().Txn, request)
+            for key, answer in zip(chunk, response.responses, strict=True):
+                kvs = answer.response_range.kvs
+                found.append(Item(key, bytes(kvs[0].value), kvs[0].mod_revision) if kvs
+                             else None)
+        return found
+
     async def revision(self) -> int:
         # The cheapest request that returns the cluster's header revision.
         response = await self._unary("revision", "read the revision", self._kv().Range,
@@ -280,35 +296,75 @@ class EtcdStore:
         check_prefix(prefix)
         return [self._unkey(kv.key) for kv in await self._range(prefix, keys_only=True)]
 
-    def scan_pages(self, prefix: str, *, after: str = "", page: int = 0
+    def scan_pages(self, prefix: str, *, after: str = "", before: str = "", page: int = 0
                    ) -> AsyncIterator[list[Item]]:
         check_prefix(prefix)
-        return self._item_pages(prefix, after, page or _BIG_PAGE)
+        span = self._span(prefix, after, before)
+        if page:
+            return self._item_pages(prefix, span, page)
+        return self._bounded_pages(prefix, span)
 
-    async def _item_pages(self, prefix: str, after: str, page: int
-                          ) -> AsyncIterator[list[Item]]:
-        unkey = self._unkey
-        async for kvs in self._pages(prefix, after=after, page=page, keys_only=False):
-            yield [Item(unkey(kv.key), bytes(kv.value), kv.mod_revision) for kv in kvs]
-
-    async def _range(self, prefix: str, *, keys_only: bool) -> list[Any]:
-        """Every key-value under `prefix` (see _pages)."""
-        found: list[Any] = []
-        async for kvs in self._pages(prefix, after="", page=_PAGE, keys_only=keys_only):
-            found.extend(kvs)
-        return found
-
-    async def _pages(self, prefix: str, *, after: str, page: int, keys_only: bool
-                     ) -> AsyncIterator[Sequence[Any]]:
-        """The key-values under `prefix` (after the key `after`), `page` per Range call,
-        all read at the first call's revision (one consistent view however long the
-        caller takes)."""
+    def _span(self, prefix: str, after: str, before: str) -> tuple[bytes, bytes]:
+        """[start, end) of the keys under `prefix`, after `after`, before `before`."""
         start = self._prefix + prefix.encode()
         end = _range_end(start)
         if after:
             start = max(start, self._prefix + after.encode() + b"\0")
-            if start >= end:
-                return
+        if before:
+            end = min(end, self._prefix + before.encode())
+        return start, end
+
+    async def _item_pages(self, prefix: str, span: tuple[bytes, bytes], page: int
+                          ) -> AsyncIterator[list[Item]]:
+        unkey = self._unkey
+        async for _, kvs in self._pages(prefix, span, page=page, keys_only=False):
+            yield [Item(unkey(kv.key), bytes(kv.value), kv.mod_revision) for kv in kvs]
+
+    async def _bounded_pages(self, prefix: str, span: tuple[bytes, bytes]
+                             ) -> AsyncIterator[list[Item]]:
+        """Pages of _BIG_PAGE, each read over its own exact key range. etcd 3.4 walks a
+        range whole however small its limit (it gathers every key of the range, then
+        cuts): paging from a key to the prefix's end cost the rest of the prefix per
+        page, 50 million keys walked for a million domains (36 s, measured). A keys-only
+        walk in pages of _BOUNDS first marks where each page starts (10 calls for a
+        million), all at that walk's revision."""
+        starts, end, revision = await self._bounds(prefix, span)
+        unkey = self._unkey
+        for at, start in enumerate(starts):
+            stop = starts[at + 1] if at + 1 < len(starts) else end
+            response = await self._unary(
+                "scan", f"scan {prefix!r}", self._kv().Range,
+                rpc.RangeRequest(key=start, range_end=stop, revision=revision))
+            if response.kvs:
+                yield [Item(unkey(kv.key), bytes(kv.value), kv.mod_revision)
+                       for kv in response.kvs]
+
+    async def _bounds(self, prefix: str, span: tuple[bytes, bytes]
+                      ) -> tuple[list[bytes], bytes, int]:
+        """(the first key of every _BIG_PAGE keys in `span`, its end, the revision)."""
+        starts: list[bytes] = []
+        seen, revision = 0, 0
+        async for read_at, kvs in self._pages(prefix, span, page=_BOUNDS, keys_only=True):
+            starts += [kv.key for kv in kvs[(-seen) % _BIG_PAGE::_BIG_PAGE]]
+            seen += len(kvs)
+            revision = read_at
+        return starts, span[1], revision
+
+    async def _range(self, prefix: str, *, keys_only: bool) -> list[Any]:
+        """Every key-value under `prefix` (see _pages)."""
+        found: list[Any] = []
+        async for _, kvs in self._pages(prefix, self._span(prefix, "", ""), page=_PAGE,
+                                        keys_only=keys_only):
+            found.extend(kvs)
+        return found
+
+    async def _pages(self, prefix: str, span: tuple[bytes, bytes], *, page: int,
+                     keys_only: bool) -> AsyncIterator[tuple[int, Sequence[Any]]]:
+        """(revision, key-values) of `span`, `page` per Range call, all read at the first
+        call's revision (one consistent view however long the caller takes)."""
+        start, end = span
+        if start >= end:
+            return
         revision = 0
         while True:
             # No sort_order: etcd returns a range in key order anyway, and any sort
@@ -320,7 +376,7 @@ class EtcdStore:
                                          request)
             revision = revision or response.header.revision
             if response.kvs:
-                yield response.kvs
+                yield revision, response.kvs
             if not response.more or not response.kvs:
                 return
             start = response.kvs[-1].key + b"\0"

@@ -233,25 +233,43 @@ class FileStore:
         found = await self._call(f"read {key}", _read_record, path)
         return None if found is None else Item(key, found[1], found[0])
 
+    async def get_many(self, keys: Sequence[str]) -> list[Item | None]:
+        paths = [self._record_path(_split_key(key)) for key in keys]
+        return await self._call(f"read {len(keys)} records", self._get_many_sync, list(keys),
+                                paths)
+
+    @staticmethod
+    def _get_many_sync(keys: list[str], paths: list[str]) -> list[Item | None]:
+        found: list[Item | None] = []
+        for key, path in zip(keys, paths, strict=True):
+            record = _read_record(path)
+            found.append(None if record is None else Item(key, record[1], record[0]))
+        return found
+
     async def scan(self, prefix: str) -> list[Item]:
         _check_prefix(prefix)
         return await self._call(f"scan {prefix!r}", self._scan_sync, prefix)
 
-    def scan_pages(self, prefix: str, *, after: str = "", page: int = 0
+    def scan_pages(self, prefix: str, *, after: str = "", before: str = "", page: int = 0
                    ) -> AsyncIterator[list[Item]]:
         """A segment's checkpoint is read a page at a time (its index held, each value
         read with its page), merged with the records the log changed after it; other
         prefixes (inside one segment, or across segments) are read whole first."""
         _check_prefix(prefix)
-        return self._pages(prefix, after, page or _PAGE)
+        return self._pages(prefix, after, before, page or _PAGE)
 
-    async def _pages(self, prefix: str, after: str, page: int) -> AsyncIterator[list[Item]]:
+    async def _pages(self, prefix: str, after: str, before: str, page: int
+                     ) -> AsyncIterator[list[Item]]:
         what = f"scan {prefix!r}"
         pager = await self._call(what, self._pager, prefix, after)
         # The next page is read (in a thread) while the caller folds this one in.
         taking = asyncio.ensure_future(self._call(what, pager.take, page))
         try:
             while items := await taking:
+                if before and items[-1].key >= before:
+                    if kept := [i for i in items if i.key < before]:
+                        yield kept
+                    return
                 taking = asyncio.ensure_future(self._call(what, pager.take, page))
                 yield items
         finally:
@@ -822,6 +840,24 @@ class _LogCursor:
             return True  # let read() report it
         return st.st_ino != self._inode or st.st_size != self._offset
 
+    def _first_after(self, fd: int, base: int, entries: int) -> int:
+        """Where the entry after `position` starts in the log open at `fd`: found by one
+        search (a watcher started from a recent revision, like a worker from its
+        snapshot, would otherwise parse, under the lock, the up to keep_changes entries
+        it has applied already). The entries' start when unsure: then read() parses
+        from there and reports a damaged log."""
+        if self.position == base:
+            return entries
+        log = os.pread(fd, os.fstat(fd).st_size, 0)
+        end = log.rfind(b"\n") + 1
+        at = log.find(b"\n%d " % (self.position + 1), entries - 1, end)
+        if at >= 0:
+            return at + 1
+        last = log[log.rfind(b"\n", entries - 1, end - 1) + 1:end - 1] if end > entries else b""
+        if last and last.split(b" ", 1)[0] == b"%d" % self.position:
+            return end  # every entry there is applied: read from the next one on
+        return entries
+
     def read(self, prefix: str) -> tuple[list[Event], bool]:
         """The next batch of events and whether more entries are waiting."""
         store = self._store
@@ -835,7 +871,7 @@ class _LogCursor:
                     if self.position < base:
                         raise Compacted(base + 1)
                     self._inode, self._base = os.fstat(fd).st_ino, base
-                    self._offset = entries
+                    self._offset = self._first_after(fd, base, entries)
                 data = os.pread(fd, _READ_MAX, self._offset)
             finally:
                 os.close(fd)

@@ -232,12 +232,19 @@ class SealedStore:
             return item
         return Item(key, self.keyring.open(key, item.value), item.revision)
 
+    async def get_many(self, keys: Sequence[str]) -> list[Item | None]:
+        items = await self.inner.get_many(keys)
+        return [item if item is None or not rec.is_secret(item.key)
+                or not is_sealed(item.value)
+                else Item(item.key, self.keyring.open(item.key, item.value), item.revision)
+                for item in items]
+
     async def scan(self, prefix: str) -> list[Item]:
         return await self._opened(prefix, await self.inner.scan(prefix))
 
-    async def scan_pages(self, prefix: str, *, after: str = "", page: int = 0
-                         ) -> AsyncIterator[list[Item]]:
-        pages = self.inner.scan_pages(prefix, after=after, page=page)
+    async def scan_pages(self, prefix: str, *, after: str = "", before: str = "",
+                         page: int = 0) -> AsyncIterator[list[Item]]:
+        pages = self.inner.scan_pages(prefix, after=after, before=before, page=page)
         try:
             async for items in pages:
                 yield await self._opened(prefix, items)

@@ -108,7 +108,7 @@ class SlotLoader:
 
     async def fill(self, certs: Iterable[Item], pems: Iterable[Item]) -> int:
         """Load every domain's slot from these records (whole certs/ and pem/ reads),
-        1,000 domains per loop turn; the count filled. A domain read meanwhile for a
+        5 ms of work per loop turn; the count filled. A domain read meanwhile for a
         handshake keeps what it read."""
         filled = 0
         # No collection until the slots are frozen: each full one would walk every slot
@@ -125,7 +125,7 @@ class SlotLoader:
 
     async def fill_from(self, snapshot: SnapshotReader) -> int | None:
         """fill() from the certificate sections of the supervisor's snapshot, as they
-        are announced (one section of ~2,000 records decoded per loop turn, no
+        are announced (one section of 500 records decoded per loop turn, no
         collection meanwhile); None when the worker holds more domains than it keeps
         certificates (then each is read on its name's first handshake)."""
         loop = asyncio.get_running_loop()

@@ -32,6 +32,27 @@ class _DomainApp(msgspec.Struct, frozen=True, gc=False):
 
 _domain_app = msgspec.json.Decoder(_DomainApp).decode
 
+STEP = 0.005  # seconds of work between two yields to the loop
+
+
+class Slices:
+    """`due()` is True once `length` seconds passed since it last was (or since made):
+    a long loop asks it every few items and lets the event loop run then."""
+
+    __slots__ = ("_length", "_until")
+
+    def __init__(self, length: float = STEP) -> None:
+        self._length = length
+        self._until = time.perf_counter() + length
+
+    def __call__(self) -> bool:
+        now = time.perf_counter()
+        if now < self._until:
+            return False
+        self._until = now + self._length
+        return True
+
+
 
 @dataclass
 class StoreState:
@@ -214,42 +235,44 @@ class StoreState:
             pass
 
     def fill_steps(self, certs: Iterable[Item], pems: Iterable[Item],
-                   step: int = 1000) -> Iterator[int]:
-        """fill_all `step` domains at a time (yields the count so far; ~10 ms a step),
-        for a caller that lets the loop run between steps. A domain whose slot exists already (read
-        on its own for a handshake) is left as it is, and so is one in `filling` (its
-        certificate changed since these records were read): both are right, or read
-        on their next handshake."""
+                   slice_s: float = STEP) -> Iterator[int]:
+        """fill_all a few milliseconds at a time (yields the count so far), for a caller
+        that lets the loop run between slices: on a busy machine a slice's wall time is
+        a few times its CPU time. A domain whose slot exists already (read on its own
+        for a handshake) is left as it is, and so is one in `filling` (its certificate
+        changed since these records were read): both are right, or read on their next
+        handshake."""
+        due = Slices(slice_s)
         records: dict[str, dict[str, bytes]] = {}
         cut = len(rec.CERTS)
-        for n, item in enumerate(certs, 1):
+        for n, item in enumerate(certs):
             name, _, source = item.key[cut:].rpartition("/")
             records.setdefault(name, {})[source] = item.value
-            if n % (4 * step) == 0:
+            if n % 256 == 0 and due():
                 yield 0
         materials: dict[str, dict[str, bytes]] = {}
-        for n, item in enumerate(pems, 1):
+        for n, item in enumerate(pems):
             parsed = rec.parse_pem_key(item.key)
             if parsed is not None:
                 materials.setdefault(parsed[0], {})[parsed[2]] = item.value
-            if n % (4 * step) == 0:
+            if n % 256 == 0 and due():
                 yield 0
         names = [n for n in self.domains if n not in self.config_only]
         empty: dict[str, bytes] = {}
         now, done = time.time(), 0
-        for at in range(0, len(names), step):
-            skip = self.filling or ()
-            for name in names[at:at + step]:
-                if name in self.slots or name in skip or not self.is_domain(name):
-                    continue
+        for n, name in enumerate(names):
+            if name not in self.slots and name not in (self.filling or ()) \
+                    and self.is_domain(name):
                 slot = self.slots[name] = DomainSlot(name)
                 self.note(slot.fill(records.get(name, empty), materials.get(name, empty),
                                     now))
                 self.resident.add(slot, count=False)
                 done += 1
-            self.resident.count()
-            yield done
-
+            if n % 64 == 0 and due():
+                self.resident.count()
+                yield done
+        self.resident.count()
+        yield done
 
     async def reload(self, store: Store) -> None:
         """Read the store whole again (its history no longer reaches `revision`): new
