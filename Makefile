@@ -1,4 +1,4 @@
-.PHONY: demo test lint bench bench-acme bench-smoke bench-soak bench-slow clean
+.PHONY: demo test lint bench bench-more bench-acme bench-smoke bench-soak bench-slow clean
 
 demo:            ## run tlsedge on generated demo certificates and a demo backend
 	bash scripts/demo.sh
@@ -9,14 +9,18 @@ test:            ## install everything the tests need, then run the whole suite
 lint:
 	.venv/bin/ruff check proxy tests benchmarks && .venv/bin/mypy && .venv/bin/lint-imports
 
-bench:           ## benchmarks side by side with nginx, HAProxy and Caddy, then ACME at scale (minutes)
+bench:           ## cost per connection beside nginx, HAProxy, Caddy and the floor, 1 and 2 workers (~35 min), then ACME at scale
 	bash scripts/setup.sh test && .venv/bin/python benchmarks/compare.py && \
 		.venv/bin/python benchmarks/acme_scale.py
+
+bench-more:      ## large bodies, HTTP/2, many names, hot swap beside the same peers (2 workers, ~15 min)
+	bash scripts/setup.sh test && .venv/bin/python benchmarks/compare.py --workers 2 \
+		--scenarios large,h2,names,swap
 
 bench-acme:      ## N domains in one bulk add until all In use: 20 and 200 names, 1 and 3 nodes
 	bash scripts/setup.sh test && .venv/bin/python benchmarks/acme_scale.py
 
-bench-smoke:     ## the same harness in a quick run: 1 round, 2 s, small certificate sets
+bench-smoke:     ## the same harness in a quick run: 1 round, 2 s, small sets
 	bash scripts/setup.sh test && .venv/bin/python benchmarks/compare.py --quick
 
 bench-cluster:   ## start-up, RSS and propagation with 100,000 domains in etcd (minutes)

@@ -42,6 +42,11 @@ def noresume_shim() -> Path:
     return _build("noresume", ["-shared", "-fPIC"], ["-ldl"], ".so")
 
 
+def hold_conns() -> Path:
+    """The client that opens and holds many idle keep-alive TLS connections."""
+    return _build("holdconns", [], [], "")
+
+
 def sni_client() -> Path:
     """The client that sends a different SNI name on each connection."""
     return _build("sniclient", [], [], "")

@@ -335,11 +335,14 @@ class TimedStore(EtcdStore):
     def __init__(self, settings: EtcdSettings) -> None:
         super().__init__(settings)
         self.committed: dict[str, float] = {}
+        self.watched: dict[str, Callable[[], None]] = {}  # key -> called once committed
 
     async def put(self, key: str, value: bytes, *, expect: int | None = None,
                   secret: bool = False) -> int:
         revision = await super().put(key, value, expect=expect, secret=secret)
         self.committed[key] = time.monotonic()
+        if key in self.watched:
+            self.watched.pop(key)()
         return revision
 
 
@@ -351,13 +354,25 @@ class Upload:
 
 
 async def upload(registry: Registry, store: TimedStore, nodes: dict[str, Edge], ca: CA,
-                 name: str, pool: ThreadPoolExecutor) -> Upload:
-    """One custom certificate through the Registry; B and C polled meanwhile."""
+                 name: str, pool: ThreadPoolExecutor, *, poll_at_commit: bool = False
+                 ) -> Upload:
+    """One custom certificate through the Registry; B and C polled meanwhile (or, with
+    `poll_at_commit`, from the moment its record is committed: the name never asked
+    for before its certificate is in the store)."""
     issued = ca.issue([name])
     loop = asyncio.get_running_loop()
     started = time.monotonic()
-    polls = {node: loop.run_in_executor(pool, wait_for, nodes[node], name,
-                                        issued.fingerprint, started) for node in ("b", "c")}
+    polls: dict[str, asyncio.Future[float | None]] = {}
+
+    def poll() -> None:
+        polls.update({node: loop.run_in_executor(pool, wait_for, nodes[node], name,
+                                                 issued.fingerprint, started)
+                      for node in ("b", "c")})
+
+    if poll_at_commit:
+        store.watched[rec.cert_key(name, "custom")] = poll
+    else:
+        poll()
     await registry.set_custom_certificate(name, issued.chain_pem, issued.key_pem)
     call = time.monotonic() - started
     commit = store.committed[rec.cert_key(name, "custom")] - started
@@ -365,11 +380,22 @@ async def upload(registry: Registry, store: TimedStore, nodes: dict[str, Edge], 
                   {node: await poll for node, poll in polls.items()})
 
 
+def store_reads(nodes: dict[str, Edge]) -> dict[str, float]:
+    """Nodes b and c's etcd range reads and certificate reads so far."""
+    return {"scans": sum(nodes[n].metric("tlsedge_store_op_seconds_count", op="scan")
+                         for n in ("b", "c")),
+            "certificate_reads": sum(nodes[n].metric("tlsedge_store_certificate_loads_total")
+                                     for n in ("b", "c"))}
+
+
 async def propagate(nodes: dict[str, Edge], ca: CA, seeded: Seeded, endpoint: str,
                     names: dict[str, list[int]]) -> dict[str, Any]:
     """Upload a custom certificate per name (`names`: kind -> domain indexes) on node A's
     side; time until B and C serve it, from the upload call and from the record's commit.
-    Updates seeded.fingerprints."""
+    Kinds: `resident` (served by both right before), `never_served` (polled from the
+    call's start: the first polls read the name's records while it is written),
+    `never_asked` (polled from the record's commit: no worker holds a thing of the name
+    when its events come). Updates seeded.fingerprints."""
     store = TimedStore(EtcdSettings(endpoints=(endpoint,), prefix=PREFIX, node="a"))
     registry = Registry(store, platform_domain=PLATFORM, apps=[APP])
     loop = asyncio.get_running_loop()
@@ -378,13 +404,14 @@ async def propagate(nodes: dict[str, Edge], ca: CA, seeded: Seeded, endpoint: st
         with ThreadPoolExecutor(2, thread_name_prefix="poll") as pool:
             for kind, indexes in names.items():
                 done = []
+                reads = store_reads(nodes)
                 for i in indexes:
                     if kind == "resident":  # served by both right before the upload
                         for node in ("b", "c"):
                             await loop.run_in_executor(pool, served, nodes[node],
                                                        seeded.names[i])
                     done.append(await upload(registry, store, nodes, ca, seeded.names[i],
-                                             pool))
+                                             pool, poll_at_commit=kind == "never_asked"))
                     seeded.fingerprints[i] = ""  # replaced: no longer the seeded one
                 seen = [(u, d) for u in done for d in u.served_ms.values() if d is not None]
                 out[kind] = {
@@ -392,6 +419,12 @@ async def propagate(nodes: dict[str, Edge], ca: CA, seeded: Seeded, endpoint: st
                     "from_commit_ms": summary([d - u.commit_ms for u, d in seen]),
                     "upload_call_ms": summary([u.call_ms for u in done]),
                     "missed": sum(d is None for u in done for d in u.served_ms.values()),
+                    # Nodes b and c's range reads (etcd scans) and certificate reads
+                    # per upload, the resident kind's pre-upload handshakes included.
+                    "store_reads_per_upload": {
+                        what: round((after - before) / max(1, len(done)), 2)
+                        for (what, before), after in zip(
+                            reads.items(), store_reads(nodes).values(), strict=True)},
                     "uploads": [vars(u) for u in done]}
     finally:
         await store.close()
@@ -458,7 +491,8 @@ def run_config(bench: Bench, resident: int | None, label: str) -> dict[str, Any]
                                                                 len(bench.sample) - 1))
         out["propagation"] = asyncio.run(propagate(
             nodes, bench.ca, bench.seeded, bench.endpoint,
-            {"resident": resident_names, "never_served": bench.fresh(bench.uploads)}))
+            {"resident": resident_names, "never_served": bench.fresh(bench.uploads),
+             "never_asked": bench.fresh(bench.uploads)}))
         if bench.extras and label == "default":
             step = "node b at scale"
             out["node_b"] = node_b_checks(bench, nodes["b"])
@@ -563,10 +597,14 @@ def print_table(result: dict[str, Any]) -> None:
     row("  per handshake median/max (ms)", "startup", "name_handshake_ms")
     row("  wrong certificate served", "startup", "wrong_certificates")
     row("nodes a/c 'serving' log line (s)", "a_and_c_serving_log_s")
-    for kind in ("resident", "never_served"):
+    for kind in ("resident", "never_served", "never_asked"):
         row(f"{kind}: from record commit (ms)", "propagation", kind, "from_commit_ms")
         row("  from upload call start (ms)", "propagation", kind, "from_call_ms")
         row("  missed (not served in 15 s)", "propagation", kind, "missed")
+        row("  b+c range reads per upload", "propagation", kind, "store_reads_per_upload",
+            "scans")
+        row("  b+c certificate reads per upload", "propagation", kind,
+            "store_reads_per_upload", "certificate_reads")
         row("  upload call median/max (ms)", "propagation", kind, "upload_call_ms")
     node_b_rows(row)
     width = max(len(r[0]) for r in rows)

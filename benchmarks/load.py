@@ -1,6 +1,7 @@
 """Load generators and what they report: wrk (keep-alive, large bodies), h2load with
 the no-resumption shim (one full handshake per request), h2load over HTTP/2 (many
-streams per connection) and the SNI client.
+streams per connection), the SNI client, and holdconns (many idle keep-alive
+connections held open).
 
 Every run targets 127.0.0.1, is bounded by a request count or a duration, and has a
 subprocess timeout. Results are plain dataclasses; parsing failures raise with the
@@ -9,10 +10,13 @@ tool's output so a broken run never turns into a number.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
+import select
 import subprocess
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -233,3 +237,46 @@ def sni_client(port: int, names: list[str], workdir: Path, *, procs: int = 8,
         raise LoadError(f"sniclient failed ({done.returncode}):\n{done.stdout}\n{done.stderr}")
     c, ok, failed, resumed = (int(m.group(i)) for i in range(1, 5))
     return SniResult(c, ok, failed, resumed, float(m.group(5)))
+
+
+@dataclass
+class HoldResult:
+    held: int
+    failed: int
+    seconds: float          # to open them all (handshake + one request each)
+    closed_early: int = -1  # held connections the server had closed at release (-1: unknown)
+
+
+@contextlib.contextmanager
+def holding(port: int, count: int, *, concurrency: int = 128, max_tls: str = "1.3",
+            timeout: float = 180.0) -> Iterator[HoldResult]:
+    """`count` TLS connections opened, one request each, and held open (idle) inside
+    the `with`; closed when it ends. Raises when fewer than all were held."""
+    cmd = [str(cbuild.hold_conns()), str(port), str(count), str(concurrency), HOST, max_tls]
+    proc = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    assert proc.stdout is not None and proc.stdin is not None
+    try:
+        ready, _, _ = select.select([proc.stdout], [], [], timeout)
+        line = proc.stdout.readline() if ready else ""
+        m = re.match(r"held (\d+) failed (\d+) seconds ([\d.]+)", line)
+        if not m:
+            proc.kill()
+            raise LoadError(f"holdconns: no result in {timeout:g}s ({line!r}): "
+                            f"{proc.stderr.read() if proc.stderr else ''}")
+        result = HoldResult(int(m.group(1)), int(m.group(2)), float(m.group(3)))
+        if result.failed:
+            raise LoadError(f"holdconns: {result.failed} of {count} connections failed")
+        yield result
+        proc.stdin.close()  # release
+        released = re.search(r"closed_early (\d+)", proc.stdout.read())
+        result.closed_early = int(released.group(1)) if released else -1
+    finally:
+        if proc.poll() is None:
+            with contextlib.suppress(OSError):
+                proc.stdin.close()
+            try:
+                proc.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()

@@ -1,4 +1,5 @@
-"""The processes a benchmark runs: the plain-HTTP backend and the four TLS proxies.
+"""The processes a benchmark runs: the plain-HTTP backend, the four TLS proxies and
+the floor (benchmarks/floor.py, a bare relay with tlsedge's TLS settings).
 
 Writes each program's config into a work directory, starts it in its own process
 group on 127.0.0.1 ports, waits until an HTTPS request through it answers 200, and
@@ -10,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import resource
 import signal
 import socket
 import ssl
@@ -23,13 +25,32 @@ from pathlib import Path
 import procstat
 
 ROOT = Path(__file__).resolve().parent.parent
-PROXIES = ("tlsedge", "nginx", "haproxy", "caddy")
+# In the table's column order: the peers, then the floor, then tlsedge.
+PROXIES = ("nginx", "haproxy", "caddy", "floor", "tlsedge")
 PLATFORM = "bench.test"
 APP = "bench"
 HOST = f"{APP}.{PLATFORM}"  # the Host (and SNI where a name is sent) every client uses
 SMALL_BODY = b"tlsedge-benchmark-" + b"x" * 81 + b"\n"  # ~100 bytes
 BIG_PATH = "/big"
 BIG_SIZE = 1 << 20
+
+
+def raise_fd_limit() -> int:
+    """Soft open-files limit raised as far as allowed (every program started from
+    here inherits it); returns the hard limit."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    for want in (1 << 20, hard):
+        with contextlib.suppress(ValueError, OSError):
+            resource.setrlimit(resource.RLIMIT_NOFILE, (max(soft, want), max(hard, want)))
+            break
+    return resource.getrlimit(resource.RLIMIT_NOFILE)[1]
+
+
+# Client connections each proxy must hold: the memory scenario keeps up to 10,000
+# idle ones open. Bounded by the open-files limit: HAProxy wants ~2 files per
+# connection of maxconn, the floor holds a backend connection per client one.
+NOFILE = raise_fd_limit()
+MAX_CONNECTIONS = max(1024, min(10_500, NOFILE // 2 - 500))
 # The same TLS 1.2 suites tlsedge serves (proxy/certs/tls.py), given to every peer.
 TLS12_CIPHERS = ("ECDHE-ECDSA-AES128-GCM-SHA256:ECDHE-RSA-AES128-GCM-SHA256:"
                  "ECDHE-ECDSA-AES256-GCM-SHA384:ECDHE-RSA-AES256-GCM-SHA384:"
@@ -210,7 +231,8 @@ worker_processes {workers};
 daemon off;
 pid {prefix}/nginx.pid;
 error_log {prefix}/error.log warn;
-events {{ worker_connections 8192; }}
+worker_rlimit_nofile {NOFILE};
+events {{ worker_connections {min(2 * MAX_CONNECTIONS, NOFILE - 500)}; }}
 """
 
 
@@ -246,15 +268,20 @@ class TlsedgeExtras:
     store: Path | None = None
     certificates: tuple[tuple[Path, Path], ...] = ()  # ops files, re-read on SIGHUP
     context_cache_size: int = 10_000
+    # > 0: limits.max_connections and connections_per_client (every benchmark client
+    # is 127.0.0.1) raised to this, for the idle-connections scenario.
+    connections: int = 0
 
 
 def start_proxy(kind: str, workdir: Path, opts: ProxyOptions,
                 extras: TlsedgeExtras | None = None) -> Proc:
-    """Start one proxy (not waiting for it): tlsedge, nginx, haproxy or caddy."""
+    """Start one proxy (not waiting for it): tlsedge, floor, nginx, haproxy or caddy."""
     workdir.mkdir(parents=True, exist_ok=True)
     port = free_port()
     if kind == "tlsedge":
         return _tlsedge(workdir, opts, port, extras or TlsedgeExtras())
+    if kind == "floor":
+        return _floor(workdir, opts, port)
     if kind == "nginx":
         return _start_nginx("nginx", workdir, _nginx_proxy_conf(workdir, opts, port), port)
     if kind == "haproxy":
@@ -315,8 +342,8 @@ def _haproxy_conf(opts: ProxyOptions, port: int) -> str:
     log_defaults = "    log global\n    option httplog\n" if opts.access_log else ""
     return f"""global
     nbthread {opts.workers}
-    # 9000: at 10000 HAProxy wants more than the ~20,000 open files allowed here.
-    maxconn 9000
+    # HAProxy raises its open-files limit to ~2 x maxconn: MAX_CONNECTIONS fits in it.
+    maxconn {MAX_CONNECTIONS}
     ssl-default-bind-ciphers {TLS12_CIPHERS}
     # prefer-client-ciphers: the client picks, as for nginx and tlsedge (AES-128-GCM).
     ssl-default-bind-options ssl-min-ver TLSv1.2 prefer-client-ciphers
@@ -361,6 +388,19 @@ https://:{port} {{
 """
 
 
+def _floor(workdir: Path, opts: ProxyOptions, port: int) -> Proc:
+    if opts.h2:
+        raise ValueError("the floor relays bytes: it cannot speak HTTP/2 to an HTTP/1.1 backend")
+    names = f"{HOST},*.{PLATFORM},localhost"
+    argv = [tlsedge_python(), str(ROOT / "benchmarks" / "floor.py"),
+            "--listen", f"127.0.0.1:{port}", "--backend", f"127.0.0.1:{opts.backend_port}",
+            "--workers", str(opts.workers), "--ciphers", TLS12_CIPHERS,
+            "--cert", names, str(opts.cert.chain), str(opts.cert.key)]
+    # tlsedge's key-exchange groups: its CLI points OPENSSL_CONF at this file too.
+    cnf = ROOT / "proxy" / "certs" / "openssl.cnf"
+    return spawn("floor", argv, workdir, env={"OPENSSL_CONF": str(cnf)}, port=port)
+
+
 def tlsedge_python() -> str:
     venv = ROOT / ".venv" / "bin" / "python"
     return str(venv) if venv.exists() else sys.executable
@@ -385,6 +425,9 @@ def write_tlsedge_config(workdir: Path, opts: ProxyOptions, port: int, metrics: 
         "apps": {APP: {"backends": [f"127.0.0.1:{opts.backend_port}"]}},
         "limits": {"drain_timeout": 2},
     }
+    if extras.connections:
+        config["limits"].update(max_connections=extras.connections,
+                                connections_per_client=extras.connections)
     if opts.h2:
         # 64 connections x 100 streams are 6,400 requests at once: the other proxies
         # open as many backend connections as they need; ours caps them (100 + a

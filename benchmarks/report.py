@@ -19,6 +19,11 @@ Raw = dict[str, dict[str, dict[str, list[dict[str, float]]]]]  # scenario/varian
 Medians = dict[str, dict[str, dict[str, dict[str, float]]]]
 
 
+def medians_by_workers(raw: dict[str, Raw]) -> dict[str, Medians]:
+    """Medians of each worker count's rounds (keys: "1", "2", ...)."""
+    return {workers: medians(r) for workers, r in raw.items()}
+
+
 def medians(raw: Raw) -> Medians:
     out: Medians = {}
     for scenario, variants in raw.items():
@@ -40,22 +45,41 @@ class Row:
     # Target on tlsedge: (">=" or "<=", factor, reference) where reference is a proxy
     # name (same metric), "abs" (factor is the bound), or "scenario/variant/proxy/metric".
     targets: tuple[tuple[str, float, str], ...] = ()
+    ratios: bool = True  # False: a ratio means nothing (a percentage, a count)
 
 
 HANDSHAKE_VARIANTS = ("ecdsa-tls1.3", "ecdsa-tls1.2", "rsa-tls1.3", "rsa-tls1.2")
+# Issue 14's targets (the keep-alive req/s and p99 ones are issue 5's).
+CPU_TARGET = (("<=", 1.3, "nginx"),)
 
 ROWS: tuple[Row, ...] = (
     Row("keep-alive requests/s", "keepalive", "", "rps",
         targets=((">=", 0.85, "nginx"), (">=", 1.5, "caddy"))),
     Row("keep-alive CPU us/request", "keepalive", "", "cpu_us_per_req", "{:,.1f}",
-        (("<=", 1.3, "nginx"),)),
+        CPU_TARGET),
     Row("keep-alive p50 ms", "keepalive", "", "p50_ms", "{:,.2f}"),
     Row("keep-alive p99 ms", "keepalive", "", "p99_ms", "{:,.2f}", (("<=", 1.5, "nginx"),)),
     Row("keep-alive peak RSS MiB (all procs)", "keepalive", "", "peak_rss_mib", "{:,.1f}"),
     *(r for v in HANDSHAKE_VARIANTS for r in (
         Row(f"full handshakes/s {v}", "handshakes", v, "hs_per_s",
-            targets=((">=", 0.95, "nginx"), (">=", 1.5, "caddy"))),
-        Row(f"CPU us/handshake {v}", "handshakes", v, "cpu_us_per_hs", "{:,.0f}"))),
+            targets=((">=", 0.85, "nginx"), (">=", 1.0, "caddy"))),
+        Row(f"CPU us/handshake {v}", "handshakes", v, "cpu_us_per_hs", "{:,.0f}",
+            CPU_TARGET))),
+    Row("RSS MiB idle (all procs)", "memory", "", "rss_idle_mib", "{:,.1f}"),
+    Row("worker RSS MiB idle", "memory", "", "worker_rss_idle_mib", "{:,.1f}",
+        (("<=", 60.0, "abs"),)),
+    Row("RSS MiB per 10,000 idle keep-alive conns", "memory", "", "rss_per_10k_idle_mib",
+        "{:,.0f}"),
+    Row("handshakes in the 3 RSS runs", "memory", "", "hs_in_rss_runs", ratios=False),
+    Row("RSS MiB after the 3 runs (all procs)", "memory", "", "rss_after_hs_mib",
+        "{:,.1f}"),
+    Row("worker RSS MiB after the 3 runs", "memory", "", "worker_rss_after_hs_mib",
+        "{:,.1f}"),
+    Row("worker peak RSS MiB (3 runs)", "memory", "", "worker_peak_rss_mib", "{:,.1f}"),
+    Row("RSS growth % in run 2", "memory", "", "rss_growth_run2_pct", "{:,.1f}",
+        ratios=False),
+    Row("RSS growth % in run 3", "memory", "", "rss_growth_run3_pct", "{:,.1f}",
+        (("<=", 5.0, "abs"),), ratios=False),
     Row("1 MiB responses MB/s", "large", "", "mb_per_s", targets=((">=", 0.8, "nginx"),)),
     *(r for v in ("m10", "m100") for r in (
         Row(f"h2 small GETs -m {v[1:]} requests/s", "h2", v, "rps",
@@ -112,26 +136,30 @@ def _check(row: Row, med: Medians, mine: float) -> list[dict[str, Any]]:
     return out
 
 
-def table(med: Medians) -> tuple[str, list[dict[str, Any]]]:
-    """The one table (text) and the target verdicts."""
-    head = ["metric", *PROXIES, *(f"{p}/nginx" for p in PROXIES if p != "nginx"),
-            "target (tlsedge)", "measured", "result"]
-    lines: list[list[str]] = [head]
+def _ratio_columns(present: list[str]) -> list[tuple[str, str]]:
+    """(proxy, reference) pairs: each proxy to nginx, and tlsedge to the floor."""
+    pairs = [(p, "nginx") for p in present if p != "nginx" and "nginx" in present]
+    if "floor" in present and "tlsedge" in present:
+        pairs.append(("tlsedge", "floor"))
+    return pairs
+
+
+def _rows(med: Medians, present: list[str], width: int
+          ) -> tuple[list[list[str]], list[dict[str, Any]]]:
+    lines: list[list[str]] = []
     verdicts = []
     for row in ROWS:
         values = med.get(row.scenario, {}).get(row.variant, {})
         if not values:
             continue
         cells = [row.label]
-        for p in PROXIES:
+        for p in present:
             v = values.get(p, {}).get(row.metric)
             cells.append(row.fmt.format(v) if v is not None else "-")
-        nginx = values.get("nginx", {}).get(row.metric)
-        for p in PROXIES:
-            if p == "nginx":
-                continue
-            v = values.get(p, {}).get(row.metric)
-            cells.append(f"{v / nginx:.2f}" if v is not None and nginx else "-")
+        for p, ref in _ratio_columns(present):
+            v, base = values.get(p, {}).get(row.metric), values.get(ref, {}).get(row.metric)
+            cells.append(f"{v / base:.2f}" if v is not None and base and row.ratios
+                         else "-")
         mine = values.get("tlsedge", {}).get(row.metric)
         checks = _check(row, med, mine) if mine is not None else []
         for i, c in enumerate(checks):
@@ -141,11 +169,55 @@ def table(med: Medians) -> tuple[str, list[dict[str, Any]]]:
             lines.append((cells if i == 0 else [""] * len(cells)) + tail)
         if not checks:
             lines.append([*cells, "", "", ""])
-    widths = [max(len(line[i]) for line in lines) for i in range(len(head))]
-    text = "\n".join("  ".join(c.ljust(w) if i == 0 else c.rjust(w)
-                               for i, (c, w) in enumerate(zip(line, widths, strict=True)))
-                     for line in lines)
-    return text, verdicts
+    assert all(len(line) == width for line in lines)
+    return lines, verdicts
+
+
+def _present(meds: dict[str, Medians]) -> list[str]:
+    seen = {p for med in meds.values() for variants in med.values()
+            for proxies in variants.values() for p in proxies}
+    return [p for p in PROXIES if p in seen]
+
+
+def table(meds: dict[str, Medians]) -> tuple[str, str, list[dict[str, Any]]]:
+    """The one table, as text and as Markdown, one section per worker count, and the
+    target verdicts (each with its worker count)."""
+    present = _present(meds)
+    head = ["metric", *present, *(f"{p}/{ref}" for p, ref in _ratio_columns(present)),
+            "target (tlsedge)", "measured", "result"]
+    sections: list[tuple[str, list[list[str]]]] = []
+    verdicts = []
+    for workers, med in sorted(meds.items(), key=lambda kv: int(kv[0])):
+        lines, found = _rows(med, present, len(head))
+        title = f"{workers} worker{'s' if workers != '1' else ''}"
+        sections.append((title, lines))
+        verdicts += [{"workers": int(workers), **v} for v in found]
+    return _text(head, sections), _markdown(head, sections), verdicts
+
+
+def _text(head: list[str], sections: list[tuple[str, list[list[str]]]]) -> str:
+    every = [head, *(line for _, lines in sections for line in lines)]
+    widths = [max(len(line[i]) for line in every) for i in range(len(head))]
+
+    def fmt(line: list[str]) -> str:
+        return "  ".join(c.ljust(w) if i == 0 else c.rjust(w)
+                         for i, (c, w) in enumerate(zip(line, widths, strict=True)))
+
+    out = [fmt(head)]
+    for title, lines in sections:
+        out += [f"-- {title} " + "-" * max(0, len(out[0]) - len(title) - 4),
+                *(fmt(line) for line in lines)]
+    return "\n".join(out)
+
+
+def _markdown(head: list[str], sections: list[tuple[str, list[list[str]]]]) -> str:
+    out = ["| " + " | ".join(head) + " |",
+           "|" + "|".join(["---"] + ["---:"] * (len(head) - 1)) + "|"]
+    for title, lines in sections:
+        out.append(f"| **{title}** |" + " |" * (len(head) - 1))
+        out += ["| " + " | ".join(c.replace("|", "\\|") for c in line) + " |"
+                for line in lines]
+    return "\n".join(out)
 
 
 def write_json(directory: Path, payload: dict[str, Any], *, prefix: str = "") -> Path:

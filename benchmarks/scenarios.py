@@ -47,6 +47,10 @@ class Bench:
     sni_names: int            # distinct names the SNI clients use
     swap_count: int           # certificates replaced in the hot-swap scenario
     warmup: float = 1.0       # seconds of unmeasured keep-alive load before measuring
+    rss_seconds: float = 10.0  # each of the 3 back-to-back handshake runs of `memory`
+    # Idle keep-alive TLS connections held by `memory`: 10,000 where the open-files
+    # limit allows (20,000 files allow 9,000: RSS is reported per 10,000 either way).
+    idle_conns: int = min(10_000, peers.MAX_CONNECTIONS - 500)
     _starts: int = field(default=0)
 
     def opts(self, kind: str = "ecdsa", *, h2: bool = False) -> peers.ProxyOptions:
@@ -165,8 +169,95 @@ def verify_full_handshakes(bench: Bench) -> dict[str, Any]:
                     "requests": hs.succeeded, "client_full": hs.client_full,
                     "client_resumed": hs.client_resumed,
                     "nginx_full": sum(line.endswith(" .") for line in lines),
-                    "nginx_resumed": sum(line.endswith(" r") for line in lines)}
+                    "nginx_resumed": sum(line.endswith(" r") for line in lines),
+                    # $ssl_protocol: the version asked is the version served
+                    "nginx_version_asked": sum(f" TLSv{version} " in line
+                                               for line in lines)}
     return out
+
+
+# -- memory: idle, per idle keep-alive connection, growth under handshakes (issue 14) ----
+
+def _rss_mib(proc: peers.Proc) -> tuple[float, float]:
+    """(all the proxy's processes, its largest worker) VmRSS in MiB. The worker is the
+    largest child when there is a master (nginx, tlsedge, floor), else the process."""
+    pids = proc.pids()
+    sizes = [procstat.rss_kib(p) for p in pids]
+    workers = sizes[1:] or sizes
+    return sum(sizes) / 1024, max(workers) / 1024
+
+
+def _settled_rss(proc: peers.Proc, timeout: float = 10.0) -> tuple[float, float]:
+    """RSS once two readings 0.5 s apart differ by < 0.5 % (or at `timeout`): what a
+    proxy does right after a load (closing, freeing) is not counted as its size."""
+    deadline = time.monotonic() + timeout
+    last = _rss_mib(proc)
+    while time.monotonic() < deadline:
+        time.sleep(0.5)
+        now = _rss_mib(proc)
+        if abs(now[0] - last[0]) < 0.005 * last[0]:
+            return now
+        last = now
+    return last
+
+
+def _idle(bench: Bench, proc: peers.Proc) -> tuple[float, float]:
+    """RSS after start-up and a request on each worker (2 per worker: SO_REUSEPORT
+    hashes connections, so most workers get one)."""
+    for _ in range(2 * bench.workers):
+        peers.https_get(proc.port)
+    return _settled_rss(proc)
+
+
+def memory(bench: Bench, proxy: str) -> Numbers:
+    """Two starts of `proxy` (ECDSA, TLS 1.3). First: idle RSS, then `idle_conns`
+    keep-alive connections opened (one request each) and held while RSS is read:
+    (held - idle) per 10,000 connections. Second: three back-to-back runs of
+    `rss_seconds` of full handshakes, RSS after each; growth of the 2nd and 3rd."""
+    out: Numbers = {}
+    many = peers.TlsedgeExtras(connections=bench.idle_conns + 1000)
+    with peers.running(peers.start_proxy(proxy, bench.fresh_dir(f"{proxy}-idle"),
+                                         bench.opts(), many)) as proc:
+        out["rss_idle_mib"], out["worker_rss_idle_mib"] = idle = _idle(bench, proc)
+        with load.holding(proc.port, bench.idle_conns) as held:
+            loaded = _settled_rss(proc)
+        if held.closed_early:
+            raise load.LoadError(f"{proxy} closed {held.closed_early} idle connections "
+                                 "during the measurement")
+        out["rss_per_10k_idle_mib"] = (loaded[0] - idle[0]) / held.held * 10_000
+        out["idle_conns_open_s"] = held.seconds
+    work = bench.fresh_dir(f"{proxy}-growth")
+    with peers.running(peers.start_proxy(proxy, work, bench.opts())) as proc:
+        _idle(bench, proc)
+        rss = []
+        total = 0
+        for _ in range(3):
+            total += _handshakes_for(proc.port, work, bench.rss_seconds)
+            rss.append(_settled_rss(proc))
+        out["hs_in_rss_runs"] = total
+        out["rss_after_hs_mib"], out["worker_rss_after_hs_mib"] = rss[-1]
+        pids = proc.pids()
+        out["worker_peak_rss_mib"] = max(procstat.hwm_kib(p) for p in pids[1:] or pids) / 1024
+        out["rss_growth_run2_pct"] = (rss[1][0] - rss[0][0]) / rss[0][0] * 100
+        out["rss_growth_run3_pct"] = (rss[2][0] - rss[1][0]) / rss[1][0] * 100
+    return out
+
+
+def _handshakes_for(port: int, work: Path, seconds: float) -> int:
+    """Full TLS 1.3 handshakes for about `seconds` (h2load runs of ~1 s back to back:
+    its -D mode hangs with closing connections); how many succeeded."""
+    total = 0
+    chunk = 500
+    started = time.monotonic()
+    while (elapsed := time.monotonic() - started) < seconds:
+        if total:  # about a second per run at the rate seen so far, never past the end
+            rate = total / elapsed
+            chunk = max(200, int(rate * min(1.0, seconds - elapsed)))
+        hs = load.h2load_full_handshakes(port, work, requests=chunk)
+        if hs.failed or hs.protocol != "TLSv1.3":
+            raise load.LoadError(f"handshake run: {hs.failed} failed, {hs.protocol}")
+        total += hs.succeeded
+    return total
 
 
 # -- 4 and 6: many names, start-up at scale ----------------------------------------------------

@@ -30,6 +30,7 @@ from proxy.registry import Registry, view_status
 from proxy.store import check_store, open_store
 from proxy.store.base import Store
 from proxy.sync import (
+    UNCOUNTED,
     BriefState,
     DomainBrief,
     SnapshotKeeper,
@@ -107,8 +108,10 @@ class DomainCounts:
         return dict(self.state.tally.views)
 
     def changed(self) -> set[str]:
-        """After a batch of store events: log the domains whose view changed (not after
-        a (re)load, which is no change to log); returns the domains the batch named."""
+        """After a batch of store events, and once the start-up read is done: log the
+        domains whose view changed, those changed during the start-up read included
+        (not after a re-read of the whole store, which is no change to log); returns
+        the domains the batch named."""
         state = self.state
         if state.loading is not None:  # the start-up read: logged once it is done
             return set(state.touched)
@@ -119,8 +122,11 @@ class DomainCounts:
         for name, old in touched.items():
             brief = state.domains.get(name)
             new = brief.view if brief is not None and brief.app is not None else None
+            if old is UNCOUNTED and new is not None:
+                continue  # changed while the start-up read went on: its view before is unknown
             if new != old:
-                _log_change(name, old, new, brief.app or "" if brief is not None else "")
+                _log_change(name, old if isinstance(old, tuple) else None, new,
+                            brief.app or "" if brief is not None else "")
         return set(touched)
 
 
@@ -411,6 +417,8 @@ class Supervisor:
             for _ in state.sweep():
                 await asyncio.sleep(0)
             state.loaded()
+            if self.domains is not None:  # what changed while it read: logged now
+                self.domains.changed()
             trim_heap()  # the pages read are garbage now: give them back
             # Out of the collector's sight: a full collection walked the million-entry
             # maps and sets each time (a 50-200 ms pause for admin and scrape answers).
@@ -514,7 +522,15 @@ class Supervisor:
 
             admin = admin_server.AdminServer(self.snapshot.config)
         self.admin = None
-        await admin.serve(registry, self.reload)
+        await admin.serve(registry, self.reload,
+                          self._order_queue if self.snapshot.config.acme else None)
+
+    def _order_queue(self) -> list[tuple[str, str, float]]:
+        """The lifecycle's waiting orders (Budget.queue), for the dashboard."""
+        lifecycle = self.lifecycle
+        if lifecycle is None or lifecycle.budget is None:
+            return []
+        return lifecycle.budget.queue()
 
     async def _lifecycle(self, store: Store, config: Config, stop: asyncio.Event) -> None:
         from proxy.lifecycle.batching import group_commit

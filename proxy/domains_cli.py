@@ -78,10 +78,12 @@ def _read(path: str | None, what: str) -> bytes:
 
 
 def _day(ts: float | None) -> str:
+    """'2025-03-01 (in 12 days)', '2025-03-01 (expired 3 days ago)': the dashboard's words."""
+    from proxy.registry import expiry_words
+
     if ts is None:
         return "-"
-    days = int((ts - time.time()) // 86400)
-    return f"{time.strftime('%Y-%m-%d', time.gmtime(ts))} ({days}d)"
+    return f"{time.strftime('%Y-%m-%d', time.gmtime(ts))} ({expiry_words(ts, time.time())})"
 
 
 _HEADER = ("DOMAIN", "SOURCE", "APP", "CERTIFICATE", "EXPIRES", "LET'S ENCRYPT",
@@ -137,7 +139,7 @@ def _print_one(v: dict[str, object]) -> None:
     print(f"domain:        {v['name']}\napp:           {v['app']}")
     if v.get("source") == "config":
         print("source:        config file (read-only here)")
-    print(f"certificate:   {v['in_use']} (expires {_day(v['expires_at'])})")  # type: ignore[arg-type]
+    print(f"certificate:   {v['in_use']}; expires {_day(v['expires_at'])}")  # type: ignore[arg-type]
     print(f"let's encrypt: {v['status_label']}"
           + (f" - {v['message']}" if v["message"] else ""))
     if v["last_error"]:

@@ -378,6 +378,10 @@ class BatchedCounter:
         self.child = child
         self.pending = 0.0
 
+    def inc(self, amount: float = 1.0) -> None:
+        """As the child's inc(), batched (for code that takes either)."""
+        self.pending += amount
+
     def flush(self) -> None:
         n, self.pending = self.pending, 0.0
         if n > 0:

@@ -73,26 +73,29 @@ def normalize(name: str, *, allow_wildcard: bool = False) -> str:
                 raise _invalid(original, "'*' is only allowed as the whole first label")
             if len(labels) < 3:
                 raise _invalid(original, "a wildcard needs at least two labels after '*.'")
-            continue
-        if not label:
-            raise _invalid(original, "it has an empty label")
-        if len(label) > 63:
-            raise _invalid(original, f"label {label[:20]!r}... is longer than 63 characters")
-        if not _LABEL.match(label):
-            if "*" in label:
-                raise _invalid(original, "'*' is only allowed as the whole first label")
-            raise _invalid(
-                original,
-                f"label {label!r} may hold only letters, digits and inner hyphens",
-            )
-        if label.startswith("xn--"):
-            try:
-                idna.decode(label)
-            except idna.IDNAError:
-                raise _invalid(original, f"label {label!r} is not valid punycode") from None
+        else:
+            _check_label(label, original)
     if labels[-1].isdigit():
         raise _invalid(original, "the last label is numeric (an IP address is not a hostname)")
     return name
+
+
+def _check_label(label: str, original: str) -> None:
+    """One label of `original` (not a wildcard's `*`): DNS syntax, and valid punycode."""
+    if not label:
+        raise _invalid(original, "it has an empty label")
+    if len(label) > 63:
+        raise _invalid(original, f"label {label[:20]!r}... is longer than 63 characters")
+    if not _LABEL.match(label):
+        if "*" in label:
+            raise _invalid(original, "'*' is only allowed as the whole first label")
+        raise _invalid(original, f"label {label!r} may hold only letters, digits and inner "
+                       "hyphens")
+    if label.startswith("xn--"):
+        try:
+            idna.decode(label)
+        except idna.IDNAError:
+            raise _invalid(original, f"label {label!r} is not valid punycode") from None
 
 
 def unmapped_ip(host: str) -> str:

@@ -41,6 +41,14 @@ ACME_OFF = ("the config has no acme: section: no Let's Encrypt certificate is or
             "(the platform certificate answers)")
 
 
+class UnknownDomain(RegistryError):
+    """No domain of that name, in the store or the config file."""
+
+
+class ConfigDomain(RegistryError):
+    """A change asked for a domain of the config file's `domains:`: read-only here."""
+
+
 @dataclass(frozen=True, slots=True)
 class CertView:
     source: str
@@ -70,8 +78,9 @@ class DomainView:
     last_error: str
     custom: CertView | None
     acme: CertView | None
-    # Why browsers would refuse the custom certificate in use (an incomplete chain):
-    # checked for one domain's view (show, upload answers), never for the listing.
+    # Why browsers would refuse the custom certificate in use (an incomplete chain),
+    # or that a domain just added is the config file's too: checked for one domain's
+    # view (show, add and upload answers), never for the listing.
     warnings: tuple[str, ...] = ()
     # store (added with the CLI or the API) or config (the config file's `domains:`,
     # read-only here: served with the config's certificates, changed by a reload).
@@ -138,6 +147,14 @@ def derive_view(domain: rec.DomainRecord, custom: rec.CertMeta | None,
         custom=CertView.of(custom) if custom is not None else None,
         acme=CertView.of(acme) if acme is not None else None,
     )
+
+
+def expiry_words(expires_at: float, now: float) -> str:
+    """When a certificate expires, as the dashboard and the CLI say it: 'in 12 days',
+    'in less than a day', 'expired 3 days ago', 'expired less than a day ago'."""
+    days = int(abs(expires_at - now) // 86400)
+    span = "less than a day" if days == 0 else f"{days} day{'' if days == 1 else 's'}"
+    return f"expired {span} ago" if expires_at < now else f"in {span}"
 
 
 def utc_text(ts: float) -> str:
@@ -218,8 +235,10 @@ class Registry:
                  clock: Callable[[], float] = time.time,
                  trusted_ca_file: str | None = None, acme: bool = True,
                  config_domains: Mapping[str, str] | None = None,
-                 config_force_https: Mapping[str, bool] | None = None) -> None:
+                 config_force_https: Mapping[str, bool] | None = None,
+                 config_path: str = "") -> None:
         self.store = store
+        self.config_path = config_path  # named in the refusal of a change to its domains
         # The config's force_https per app: what an app without a store record has.
         self.config_force_https = dict(config_force_https or {})
         self.config_domains = dict(config_domains or {})  # the config's domains: -> app
@@ -237,7 +256,7 @@ class Registry:
         """
         return cls(store, platform_domain=config.platform_domain, apps=config.apps.keys(),
                    trusted_ca_file=config.tls.trusted_ca_file, acme=config.acme is not None,
-                   config_domains=config.domains,
+                   config_domains=config.domains, config_path=config.source,
                    config_force_https={n: a.force_https for n, a in config.apps.items()})
 
     # -- reads ----------------------------------------------------------------------
@@ -270,7 +289,7 @@ class Registry:
         if domain is None and name in self.config_domains:
             return self.config_view(name)
         if domain is None:
-            raise RegistryError(f"domain {name} does not exist")
+            raise UnknownDomain(f"domain {name} does not exist")
         view = derive_view(domain, await self.certificate(name, "custom"),
                            await self.certificate(name, "acme"), await self.status(name),
                            self.clock(), acme_on=self.acme)
@@ -307,9 +326,17 @@ class Registry:
     def _missing(self, name: str) -> RegistryError:
         """The refusal for a change to a domain the store does not hold."""
         if name in self.config_domains:
-            return RegistryError(f"domain {name} is set in the config file (domains:), "
-                                 "read-only here: change it there, then `tlsedge reload`")
-        return RegistryError(f"domain {name} does not exist")
+            return ConfigDomain(
+                f"domain {name} is defined in the config file {self.config_path or '(domains:)'}"
+                "; change or remove it there, then reload (`tlsedge reload`)")
+        return UnknownDomain(f"domain {name} does not exist")
+
+    async def require(self, name: str, *, change: bool = False) -> None:
+        """`name` (in normal form) is a domain here: one of the store's, or, to be read,
+        one of the config file's. UnknownDomain if not; ConfigDomain for a change to a
+        config one (the admin API answers 404 and 409)."""
+        if await self.domain(name) is None and (change or name not in self.config_domains):
+            raise self._missing(name)
 
     async def apps(self) -> set[str]:
         stored = {k[len(rec.APPS):] for k in await self.store.keys(rec.APPS)}
@@ -369,7 +396,13 @@ class Registry:
             await self._put_custom(name, bundle)
         state: rec.State = "pending_dns" if letsencrypt else "disabled"
         await self.set_status(name, state=state, message="added", next_dns_check=0.0)
-        return await self.view(name)
+        view = await self.view(name)
+        if name not in self.config_domains:
+            return view
+        return dataclasses.replace(view, warnings=(*view.warnings, (
+            f"{name} is also in the config file {self.config_path or '(domains:)'}: the "
+            "store's domain wins from now on (its app, its certificate once it has one); "
+            "remove it from the config file")))
 
     async def add_domains(self, raw_names: Sequence[str], app: str, *,
                           letsencrypt: bool = True,

@@ -17,6 +17,7 @@ import os
 import signal
 import socket
 import time
+from collections.abc import Callable
 from typing import Any
 
 from proxy import metrics
@@ -66,6 +67,8 @@ class WorkerNode:
         self._armed: float | None = None
         self._reloading: asyncio.Task[None] | None = None
         self._reload_again = False
+        # Told the new ALPN list when a reload changes it (the listeners' Worker).
+        self.alpn_changed: Callable[[tuple[str, ...]], None] | None = None
         self.cache = ContextCache(static.tls, static.config.tls.context_cache_size)
         self.composer = Composer()
         composed = self.composer.full(static, state)
@@ -83,7 +86,15 @@ class WorkerNode:
         self.live.challenge_fallback = self._challenge_from_store
         self.loader = SlotLoader(store, state, self._rearm)
         self.live.prepare_certificate = self.loader.prepare
+        self.live.all_resident = self._all_resident
         self._arm(composed.next_change)
+
+    def _all_resident(self) -> bool:
+        """Every store domain holds a loaded slot, and will: no handshake needs a read
+        first, nor a use noted (the resident slots' LRU order matters past capacity)."""
+        state = self.state
+        count = state.domain_count()
+        return count <= state.resident.capacity and len(state.resident.slots) >= count
 
     def _base(self, selector: CertSelector) -> Any:
         ctx = base_context(self.static.tls)
@@ -157,6 +168,7 @@ class WorkerNode:
                 return
 
     def _apply(self, static: Snapshot) -> None:
+        alpn = self.static.tls.alpn
         if static.tls != self.static.tls:
             # TLS policy changed: new base context and cache (rebuilt lazily).
             self.cache = ContextCache(static.tls, static.config.tls.context_cache_size)
@@ -173,6 +185,8 @@ class WorkerNode:
         self.live.limits = static.config.limits
         self.live.reject_misdirected = static.config.tls.reject_misdirected
         self.recompose()
+        if static.tls.alpn != alpn and self.alpn_changed is not None:
+            self.alpn_changed(static.tls.alpn)  # connections open now negotiated the old
         metrics.RELOAD_LAST_SUCCESS.set(time.time())
         log.info("reloaded: %d certificate names, %d apps, %d domains",
                  len(self.live.selector.table), len(self.live.routes.apps),
@@ -257,6 +271,7 @@ async def serve(config_path: str, https_fd: int, http_fd: int, ready_fd: int,
                     https_proxy=TrustedSources.of(listen.listener("https")),
                     http_proxy=TrustedSources.of(listen.listener("http")))
     await worker.start()
+    node.alpn_changed = worker.alpn_changed
     metrics.watch_loop(asyncio.get_running_loop())  # stalls from here on are someone's wait
     warm = asyncio.create_task(_certificates(node, snapshot, from_snapshot),
                                name="read-certificates")

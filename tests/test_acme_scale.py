@@ -11,8 +11,10 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import html
 import http.client
 import json
+import re
 import ssl
 import subprocess
 import sys
@@ -30,7 +32,7 @@ from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 from prometheus_client import REGISTRY
 
-from proxy.config import Acme, AcmeLimits, Eab, Issuer
+from proxy.config import Acme, AcmeLimits, Eab, Issuer, Limit
 from proxy.errors import ConfigError, ConflictError, RegistryError, StoreError
 from proxy.lifecycle.batching import group_commit
 from proxy.lifecycle.budget import Budget
@@ -324,12 +326,16 @@ class CaFront:
     """HTTPS in front of pebble, forwarding every request with its Host header (so the
     URLs pebble writes are the front's), that answers for pebble when told to: a 429
     with Retry-After to one account's new orders, a 503 with Retry-After to everything.
-    Counts the requests of each account (by the JWS key id) and all."""
+    Counts the requests of each account (by the JWS key id) and all, and keeps the
+    payload of every new order. With `window` set it adds what pebble 2.4 lacks, ARI:
+    a renewalInfo URL in the directory, answered with that window (Retry-After 1 h)."""
 
     def __init__(self, pebble: Pebble) -> None:
         self.pebble = pebble
         self.limited: tuple[str, int] | None = None  # (account URL, Retry-After)
         self.unavailable: int | None = None  # Retry-After of the 503
+        self.window: tuple[float, float] | None = None  # ARI's suggested window
+        self.new_orders: list[dict[str, Any]] = []  # JWS payloads, in order
         self.requests: dict[str, int] = {}
         self.refused = 0
         self._lock = threading.Lock()
@@ -352,7 +358,7 @@ class CaFront:
                 body = self.rfile.read(int(self.headers.get("Content-Length") or 0))
                 answer = front.decide(self.command, self.path, body)
                 if answer is None:
-                    answer = self.forward(body)
+                    answer = front.with_ari(self.path, *self.forward(body))
                 status, headers, data = answer
                 self.send_response(status)
                 for name, value in headers:
@@ -400,9 +406,32 @@ class CaFront:
             return ""
         return str(header.get("kid", ""))
 
+    @staticmethod
+    def payload_of(body: bytes) -> dict[str, Any]:
+        payload = json.loads(body)["payload"]
+        decoded = json.loads(base64.urlsafe_b64decode(payload + "=" * (-len(payload) % 4)))
+        assert isinstance(decoded, dict)
+        return decoded
+
+    def with_ari(self, path: str, status: int, headers: list[tuple[str, str]],
+                 data: bytes) -> tuple[int, list[tuple[str, str]], bytes]:
+        """Pebble's answer, with renewalInfo in the directory when `window` is set."""
+        if path == "/dir" and self.window is not None and status == 200:
+            directory = json.loads(data)
+            directory["renewalInfo"] = self.directory.removesuffix("/dir") + "/ari"
+            data = json.dumps(directory).encode()
+        return status, headers, data
+
     def decide(self, method: str, path: str,
                body: bytes) -> tuple[int, list[tuple[str, str]], bytes] | None:
         account = self.account_of(body) if method == "POST" else ""
+        if method == "POST" and path.startswith("/order-plz"):
+            self.new_orders.append(self.payload_of(body))
+        if path.startswith("/ari/") and self.window is not None:
+            start, end = (time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(t))
+                          for t in self.window)
+            return 200, [("Retry-After", "3600"), ("Content-Type", "application/json")], \
+                json.dumps({"suggestedWindow": {"start": start, "end": end}}).encode()
         with self._lock:
             self.requests[account] = self.requests.get(account, 0) + 1
             if self.unavailable is not None:
@@ -434,9 +463,10 @@ class CaFront:
         self.server.server_close()
 
 
-def front_config(front: CaFront, pebble: Pebble) -> Acme:
+def front_config(front: CaFront, pebble: Pebble, limits: AcmeLimits | None = None) -> Acme:
     return Acme(issuers=(Issuer(directory=front.directory, name="front",
-                                ca_bundle=str(pebble.ca_bundle_path), limits=AcmeLimits()),),
+                                ca_bundle=str(pebble.ca_bundle_path),
+                                limits=limits or AcmeLimits()),),
                 directory=front.directory)
 
 
@@ -856,3 +886,179 @@ def test_api_adds_a_list_of_domains_and_reports_each(tmp_path: Path, ca: CA,
             refused = api.request("POST", "/api/v1/domains", json_body=payload)
             assert (refused.status, refused.json()) == (400, {"error": words})
         assert api.request("GET", "/api/v1/domains/three.example").status == 404
+
+
+# ------------------------------------------------------------ 5. the queue on the dashboard
+
+
+def queue_rows(page: str) -> list[tuple[str, str, str]]:
+    """(domain, reason, until) of each row of an order-queue page."""
+    rows = re.findall(r'<tr data-domain="([^"]+)">.*?<td data-field="reason">([^<]*)</td>'
+                      r'<td class="nowrap" data-field="until">([^<]*)</td>', page, re.S)
+    return [(name, html.unescape(why), html.unescape(until)) for name, why, until in rows]
+
+
+def test_dashboard_shows_the_order_queue_paged_with_each_domains_reason_and_turn(
+        tmp_path: Path, dns: DNSServer, ca: CA, backend_mod: Backend) -> None:
+    """An account budget of 2 orders per 3 hours and 103 domains added at once: 2 are
+    ordered, 101 wait. The queue page says how many, lists them most urgent first
+    (new domains first come, first served; added together, by name), 100 a page, each
+    with its reason and turn; a waiting domain's page says where it stands."""
+    settings = edge_settings(tmp_path, ca, backend_mod)
+    edge = Edge(tmp_path, settings, admin=True, start=False)
+    names = [f"q{i:03d}.example" for i in range(103)]
+    try:
+        with Pebble(http_port=edge.http_port, dns_port=dns.port) as pebble:
+            edge.config["acme"] = {
+                **issuers_section(dns, pebble),
+                "limits": {"account": {"count": 2, "period": 10800}}}
+            edge.write_config()
+            edge.start()
+            point(dns, names)
+            api = AdminClient(edge, token=admin_token(edge))
+            added = api.request("POST", "/api/v1/domains",
+                                json_body={"names": names, "app": "my-app"})
+            assert added.status == 200 and added.json()["added"] == 103, added.text
+
+            def queue_full() -> str | None:
+                page = api.request("GET", "/queue")
+                assert page.status == 200, page.text
+                return page.text if "<b>101</b> orders waiting" in page.text else None
+            first = wait_for(queue_full, 120, "101 orders in the queue")
+            rows = queue_rows(first)
+            assert len(rows) == 100 and 'id="next" href="/queue?page=2"' in first
+            second = api.request("GET", "/queue?page=2").text
+            rest = queue_rows(second)
+            assert len(rest) == 1 and 'id="prev" href="/queue?page=1"' in second
+            waiting = [name for name, _, _ in rows + rest]
+            assert waiting == sorted(waiting) and len(set(waiting)) == 101
+            ordered = sorted(set(names) - set(waiting))
+            assert len(ordered) == 2
+            for _, why, until in rows + rest:
+                assert re.fullmatch(r"waiting: account budget until \d{4}-\d\d-\d\dT"
+                                    r"\d\d:\d\d:\d\dZ", why), why
+                assert re.fullmatch(r"\d{4}-\d\d-\d\d \d\d:\d\d:\d\d UTC · in \d+ "
+                                    r"(min|h|days)", until), until
+            for name, why, _ in (rows[0], rest[0]):  # the reason its status says too
+                wait_for(lambda n=name, w=why: api.request(  # type: ignore[misc]
+                    "GET", f"/api/v1/domains/{n}").json()["message"] == w, 20,
+                         f"{name}'s status saying {why}")
+
+            page = api.request("GET", f"/domains/{waiting[0]}").text
+            place = re.search(r'<dd id="queue-place">(.*?)</dd>', page, re.S)
+            assert place is not None
+            assert place.group(1).startswith(
+                f"Number 1 of 101 in <a href=\"/queue\">this node's queue</a>: "
+                f"{html.escape(rows[0][1])}"), place.group(1)
+            assert 'id="queue-place"' not in api.request("GET",
+                                                         f"/domains/{ordered[0]}").text
+            listing = api.request("GET", "/domains").text
+            assert '<a id="queue-link" href="/queue">Order queue: 101 waiting</a>' in listing
+            refused = api.request("GET", "/queue?page=0")
+            assert refused.status == 400 and "page must be a whole number from 1" in \
+                refused.text
+            assert_orders(pebble, 2)
+    finally:
+        edge.__exit__(None, None, None)
+
+
+
+# ------------------------------------------------------------ 6. ARI renewals: `replaces`
+
+
+def ari_id(chain_pem: bytes) -> str:
+    """RFC 9773's certificate id of a chain's leaf, computed here on its own:
+    base64url(AKI keyIdentifier) "." base64url(DER serial), without padding."""
+    cert = x509.load_pem_x509_certificate(chain_pem)
+    aki = cert.extensions.get_extension_for_class(x509.AuthorityKeyIdentifier).value
+    assert aki.key_identifier is not None
+    serial = cert.serial_number.to_bytes((cert.serial_number.bit_length() + 8) // 8, "big")
+    return ".".join(base64.urlsafe_b64encode(part).decode().rstrip("=")
+                    for part in (aki.key_identifier, serial))
+
+
+def test_an_ari_renewal_names_the_certificate_it_replaces_and_spends_no_new_order(
+        tmp_path: Path, pebble: Pebble, dns: DNSServer) -> None:
+    """A CA with ARI (pebble 2.4 behind a front that adds it), an account budget of one
+    new order per 3 hours: the first order spends it (no `replaces`), a second domain
+    waits for the account budget; when the CA opens the first certificate's window, its
+    renewal goes out at once, carrying `replaces` with that certificate's id, and the
+    second domain still waits (the renewal took no token)."""
+    async def scenario(store: Store) -> None:
+        clock = Clock()
+        limits = AcmeLimits(account=Limit(count=1, period=3 * HOUR))
+        node = Node(store, front_config(front, pebble, limits), dns, clock)
+        first, second = "ari-replaces.example", "ari-waits.example"
+        point(dns, [first, second])
+        front.window = (clock.now + 30 * DAY, clock.now + 31 * DAY)
+        try:
+            await node.registry.add_domain(first, "my-app")
+            assert await node.one_pass() == 1
+            issued_first = await node.registry.certificate_bundle(first, "acme")
+            status = await node.registry.status(first)
+            assert issued_first is not None and status is not None
+            assert status.state == "issued" and status.ari_at > 0
+            assert len(front.new_orders) == 1 and "replaces" not in front.new_orders[0]
+
+            await node.registry.add_domain(second, "my-app")
+            assert await node.one_pass() == 1
+            waiting = await node.registry.view(second)
+            assert waiting.message.startswith("waiting: account budget until "), waiting
+            assert len(front.new_orders) == 1
+
+            clock.now = status.ari_at + 1  # an hour on: the CA moved the window, open now
+            front.window = (clock.now - 1200, clock.now - 60)
+            assert await node.one_pass() == 1  # the ARI poll, then the renewal
+            renewed = await node.registry.certificate_bundle(first, "acme")
+            assert renewed is not None and renewed.fingerprint != issued_first.fingerprint
+            assert len(front.new_orders) == 2
+            assert front.new_orders[1]["replaces"] == ari_id(issued_first.chain_pem)
+            assert [i["value"] for i in front.new_orders[1]["identifiers"]] == [first]
+            still = await node.registry.view(second)
+            assert still.message == waiting.message  # its turn has not come
+            assert second in node.budget.waiting and first not in node.budget.waiting
+        finally:
+            node.close()
+
+    with CaFront(pebble) as front:
+        on_files(tmp_path, scenario)
+
+
+# ------------------------------------------------------------ 7. no waiting for the tick
+
+
+def test_a_domain_added_is_ordered_at_once_not_at_the_next_tick(
+        tmp_path: Path, pebble: Pebble, dns: DNSServer) -> None:
+    """With passes a minute apart, a domain the store follower reports (notify) is
+    looked at by a pass that comes at once: issued in seconds, not after the minute."""
+    async def scenario(store: Store) -> None:
+        clock = Clock()
+        registry = Registry(store, platform_domain=PLATFORM, apps={"my-app"}, clock=clock)
+        issuers = Issuers.from_config(store, acme_config(pebble), lock_ttl=30.0)
+        checker = DnsChecker(DnsSettings(edge_addresses=("127.0.0.1",),
+                                         resolvers=(dns.address,)), timeout=5.0)
+        lifecycle = Lifecycle(store, registry, issuers, checker,
+                              LifecycleSettings(tick=60.0, rescan=3600.0), clock=clock)
+        name = "at-once.example"
+        point(dns, [name])
+        stop = asyncio.Event()
+        running = asyncio.create_task(lifecycle.run(stop))
+        try:
+            deadline = time.monotonic() + 20
+            while lifecycle._scanned_at is None:  # its first pass: the next is a minute off
+                assert time.monotonic() < deadline, "no first pass within 20 s"
+                await asyncio.sleep(0.02)
+            await registry.add_domain(name, "my-app")
+            lifecycle.notify([name])  # as the supervisor's store follower does
+            deadline = time.monotonic() + 20
+            while await registry.certificate(name, "acme") is None:
+                assert time.monotonic() < deadline, "not issued within 20 s"
+                await asyncio.sleep(0.05)
+            assert not running.done()
+        finally:
+            stop.set()
+            await asyncio.wait_for(running, 30)
+            await lifecycle.settle()
+            issuers.close()
+
+    on_files(tmp_path, scenario)

@@ -6,6 +6,7 @@ endpoint, authentication, CSRF, the login rate limit, bad uploads that change no
 from __future__ import annotations
 
 import http.client
+import json
 import os
 import socket
 import stat
@@ -32,6 +33,8 @@ from tests.support.admin import (
 from tests.support.backend import Backend
 from tests.support.edge import Edge, read_response, send_request
 
+CONFIGURED = "www.configured.example"
+
 
 @pytest.fixture(scope="module")
 def module_backend() -> Iterator[Backend]:
@@ -43,7 +46,9 @@ def module_backend() -> Iterator[Backend]:
 def admin_edge(tmp_path_factory: pytest.TempPathFactory, ca: CA,
                module_backend: Backend) -> Iterator[Edge]:
     workdir = tmp_path_factory.mktemp("admin")
-    with Edge(workdir, edge_settings(workdir, ca, module_backend), admin=True) as edge:
+    settings = edge_settings(workdir, ca, module_backend)
+    settings["domains"] = {CONFIGURED: "my-app"}  # a config file's domain: read-only here
+    with Edge(workdir, settings, admin=True) as edge:
         yield edge
 
 
@@ -164,6 +169,43 @@ def test_upload_multipart_certificate_is_served(api: AdminClient, admin_edge: Ed
                      headers={"Content-Type": ctype})
     assert up.status == 200, up.text
     served(admin_edge, name, issued.fingerprint)
+
+
+def test_config_file_domain_is_shown_read_only_and_its_changes_get_409(
+        api: AdminClient, admin_edge: Edge, ca: CA) -> None:
+    shown = api.request("GET", f"/api/v1/domains/{CONFIGURED}")
+    assert shown.status == 200, shown.text
+    cli = subprocess.run([sys.executable, "-m", "proxy.cli", "domains", "show", CONFIGURED,
+                          "--json", "-c", str(admin_edge.config_path)],
+                         capture_output=True, text=True, timeout=60)
+    assert shown.json() == json.loads(cli.stdout)  # the CLI's `domains show`, as is
+    assert shown.json()["source"] == "config" and shown.json()["app"] == "my-app"
+    assert shown.json()["status_label"] == "Config"
+    page = api.request("GET", f"/domains/{CONFIGURED}")  # the dashboard's page too
+    assert page.status == 200 and CONFIGURED in page.text
+    before = snapshot(api)
+    issued = ca.issue([CONFIGURED])
+    pair = {"certificate": issued.chain_pem.decode(), "key": issued.key_pem.decode()}
+    refusal = (f"domain {CONFIGURED} is defined in the config file "
+               f"{admin_edge.config_path.resolve()}; change or remove it there, then "
+               "reload (`tlsedge reload`)")
+    for method, path, body in [("DELETE", "", None), ("PUT", "/certificate", pair),
+                               ("DELETE", "/certificate", None), ("POST", "/retry", None)]:
+        reply = api.request(method, f"/api/v1/domains/{CONFIGURED}{path}", json_body=body)
+        assert (reply.status, reply.json()) == (409, {"error": refusal}), (method, path)
+    body, ctype = multipart({"certificate": ("chain.pem", issued.chain_pem, "text/plain"),
+                             "key": ("key.pem", issued.key_pem, "text/plain")})
+    upload = api.request("POST", f"/api/v1/domains/{CONFIGURED}/certificate", body=body,
+                         headers={"Content-Type": ctype})
+    assert (upload.status, upload.json()) == (409, {"error": refusal})
+    removed = subprocess.run([sys.executable, "-m", "proxy.cli", "domains", "remove",
+                              CONFIGURED, "-c", str(admin_edge.config_path)],
+                             capture_output=True, text=True, timeout=60)
+    assert removed.returncode == 1 and removed.stderr.splitlines() == [f"tlsedge: {refusal}"]
+    assert snapshot(api) == before
+    assert api.request("GET", f"/api/v1/domains/{CONFIGURED}").json() == shown.json()
+    assert admin_edge.fingerprint(CONFIGURED) == platform_fp(admin_edge)  # nothing uploaded
+    assert api.request("GET", "/api/v1/domains/nowhere.example").status == 404
 
 
 def test_reload_endpoint_applies_or_explains(api: AdminClient, admin_edge: Edge) -> None:

@@ -39,6 +39,7 @@ from tests.support.edge import Edge
 from tests.support.etcd import EtcdServer
 from tests.support.pebble import Pebble
 from tests.support.ports import free_port
+from tests.support.rawserver import RawServer
 from tests.test_lifecycle_e2e import verified_fingerprint, wait_for
 
 pytestmark = pytest.mark.timeout(180)
@@ -48,26 +49,15 @@ LOCK_TTL = 4
 NAMES = [f"d{i:02d}.cluster.test" for i in range(20)]
 
 
-class SlowRelay:
+class SlowRelay(RawServer):
     """A TCP relay to `target` that waits `delay` seconds before connecting each client."""
 
     def __init__(self, target: int) -> None:
         self.target = target
         self.delay = 0.0
-        self.sock = socket.create_server(("127.0.0.1", 0))
-        self.port: int = self.sock.getsockname()[1]
-        self._thread = threading.Thread(target=self._accept, daemon=True)
-        self._thread.start()
+        super().__init__()
 
-    def _accept(self) -> None:
-        while True:
-            try:
-                client, _ = self.sock.accept()
-            except OSError:
-                return
-            threading.Thread(target=self._serve, args=(client,), daemon=True).start()
-
-    def _serve(self, client: socket.socket) -> None:
+    def serve(self, client: socket.socket) -> None:
         time.sleep(self.delay)
         try:
             upstream = socket.create_connection(("127.0.0.1", self.target), timeout=10)
@@ -88,9 +78,6 @@ class SlowRelay:
         back.join(15)
         client.close()
         upstream.close()
-
-    def close(self) -> None:
-        self.sock.close()
 
 
 @dataclass

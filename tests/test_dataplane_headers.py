@@ -7,7 +7,6 @@ client, repeated headers stay repeated, and a client cannot forge X-Forwarded-*.
 from __future__ import annotations
 
 import socket
-import threading
 from collections.abc import Iterator
 
 import pytest
@@ -16,29 +15,20 @@ from tests.certgen import CA
 from tests.conftest import PLATFORM
 from tests.support.backend import Backend
 from tests.support.edge import Edge
+from tests.support.rawserver import RawServer
 
 APP = f"my-app.{PLATFORM}"
 RAW = f"raw.{PLATFORM}"
 
 
-class KeepAliveCanned:
+class KeepAliveCanned(RawServer):
     """Answers every request head with fixed bytes, keeping the connection open."""
 
     def __init__(self) -> None:
         self.answer = b""
-        self.sock = socket.create_server(("127.0.0.1", 0))
-        self.port = self.sock.getsockname()[1]
-        threading.Thread(target=self._accept, daemon=True).start()
+        super().__init__()
 
-    def _accept(self) -> None:
-        while True:
-            try:
-                conn, _ = self.sock.accept()
-            except OSError:
-                return
-            threading.Thread(target=self._serve, args=(conn,), daemon=True).start()
-
-    def _serve(self, conn: socket.socket) -> None:
+    def serve(self, conn: socket.socket) -> None:
         with conn:
             data = b""
             while True:

@@ -34,7 +34,7 @@ from tests.certgen import CA
 from tests.conftest import PLATFORM
 from tests.support.backend import Backend, pattern, ws_frame, ws_read
 from tests.support.edge import Edge
-from tests.support.h2client import H2Client, Response
+from tests.support.h2client import H2Client
 from tests.test_dataplane_relay import ws_connect
 
 APP = f"my-app.{PLATFORM}"
@@ -306,23 +306,56 @@ def test_malformed_pseudo_headers_reset_the_stream(setup: Setup,
     assert setup.seen() == before + 1
 
 
-def test_content_length_that_disagrees_with_the_data_is_never_forwarded(
-        setup: Setup) -> None:
+@pytest.mark.parametrize("case", ["more-data", "less-data", "ended-by-trailers",
+                                  "no-data"])
+def test_content_length_that_disagrees_with_the_data_is_a_stream_error(
+        setup: Setup, case: str) -> None:
+    before = setup.seen()
+    hits = setup.edge.metric("tlsedge_limits_hit_total", limit="h2_malformed")
+    with setup.client() as c:
+        # h2's client (validation off) sends what the declared length contradicts.
+        sid = c.request(APP, "/cl", method="POST", end=case == "no-data",
+                        headers=[("content-length", "10")])
+        if case == "more-data":
+            c.conn.send_data(sid, b"0123456789abc", end_stream=True)
+        elif case == "less-data":
+            c.conn.send_data(sid, b"12345", end_stream=True)
+        elif case == "ended-by-trailers":
+            c.conn.send_data(sid, b"12345")
+            c.conn.send_headers(sid, [(b"x-t", b"1")], end_stream=True)
+        c.flush()
+        # RFC 9113 8.1.1: a stream error PROTOCOL_ERROR; the connection lives on.
+        assert c.pump(lambda: c.responses[sid].finished)
+        assert c.responses[sid].reset == ErrorCodes.PROTOCOL_ERROR
+        assert c.responses[sid].status == 0
+        assert c.get(APP, "/after-cl").status == 200
+        assert c.goaway is None
+    assert setup.seen() == before + 1
+    assert eventually(lambda: setup.edge.metric("tlsedge_limits_hit_total",
+                                                limit="h2_malformed") == hits + 1)
+
+
+def test_streams_past_the_concurrency_limit_are_refused_alone(setup: Setup) -> None:
     before = setup.seen()
     with setup.client() as c:
-        sid = c.conn.get_next_available_stream_id()
-        c.responses[sid] = Response()
-        block = c.conn.encoder.encode([
-            (b":method", b"POST"), (b":scheme", b"https"), (b":authority", APP.encode()),
-            (b":path", b"/cl"), (b"content-length", b"10")])
-        # h2's own client refuses to send this: the frames are built by hand.
-        c.send_frames([HeadersFrame(sid, block, flags=["END_HEADERS"]),
-                       DataFrame(sid, b"12345", flags=["END_STREAM"])])
-        c.wait_closed()
-        refused = c.responses[sid].reset == ErrorCodes.PROTOCOL_ERROR or (
-            c.goaway is not None and c.goaway.error_code == ErrorCodes.PROTOCOL_ERROR)
-        assert refused
-    assert setup.seen() == before
+        assert c.get(APP, "/warm").status == 200  # our SETTINGS are read by now
+        limit = c.conn.remote_settings.max_concurrent_streams
+        assert limit == 128
+        # Our client plays one that ignores the limit (h2 would refuse to send).
+        c.conn.remote_settings[SettingCodes.MAX_CONCURRENT_STREAMS] = 1000
+        c.conn.remote_settings.acknowledge()
+        # Uploads not yet ended: each stream stays open, none reaches the backend.
+        ids = [c.request(APP, f"/up{i}", method="POST", end=False) for i in range(limit + 3)]
+        refused = ids[limit:]
+        assert c.pump(lambda: all(c.responses[s].reset is not None for s in refused))
+        assert all(c.responses[s].reset == ErrorCodes.REFUSED_STREAM for s in refused)
+        for sid in ids[:limit]:
+            c.send_body(sid, b"x")
+        assert c.pump(lambda: all(c.responses[s].finished for s in ids[:limit]), timeout=60)
+        assert all(c.responses[s].status == 200 for s in ids[:limit])
+        assert c.get(APP, "/after").status == 200
+        assert c.goaway is None
+    assert setup.seen() == before + limit + 2
 
 
 def test_header_list_over_the_limit_gets_431_on_its_stream(setup: Setup) -> None:
@@ -484,13 +517,9 @@ def test_control_frame_floods_end_in_enhance_your_calm(setup: Setup, flood: str)
                 if c.send_failed:
                     break  # cut: more bytes would make the server's kernel reset
         c.flush()
-        code = _goaway(c)
-        if flood == "empty-headers":
-            # A burst of more streams than SETTINGS_MAX_CONCURRENT_STREAMS in one read
-            # is refused by h2 as a connection error before the session sees them.
-            assert code in (ErrorCodes.ENHANCE_YOUR_CALM, ErrorCodes.PROTOCOL_ERROR)
-        else:
-            assert code == ErrorCodes.ENHANCE_YOUR_CALM
+        # Empty HEADERS: malformed streams, or past SETTINGS_MAX_CONCURRENT_STREAMS in
+        # one read refused ones; both spend the reset budget.
+        assert _goaway(c) == ErrorCodes.ENHANCE_YOUR_CALM
     assert setup.seen() == before
     assert setup.worker_rss_kib() - rss < 30 * 1024
 
@@ -565,3 +594,32 @@ def test_sigterm_finishes_open_streams_and_refuses_new_ones_with_goaway(
         assert not any(x.path == "/late" for x in app.seen)
         assert c.wait_closed(timeout=15)
         assert edge.proc is not None and edge.proc.wait(30) == 0
+
+
+def test_reload_that_drops_h2_from_alpn_sends_goaway_and_lets_streams_finish(
+        ca: CA, tmp_path: Path) -> None:
+    with running(tmp_path, ca) as s, H2Client(s.edge.https_port, APP) as c, \
+            H2Client(s.edge.https_port, APP) as idle:
+        edge, app = s.edge, s.app
+        assert idle.get(APP, "/warm").status == 200
+        # A reload that leaves ALPN as it was leaves open connections alone.
+        edge.reload(wait_for="reloaded:")
+        assert idle.get(APP, "/still-h2").status == 200
+        assert idle.goaway is None and not idle.closed
+        slow = c.request(APP, "/slow?2")
+        assert eventually(lambda: any(x.path == "/slow?2" for x in app.seen), 10)
+        edge.config["tls"]["alpn"] = ["http/1.1"]
+        edge.write_config()
+        edge.reload(wait_for="reloaded:")
+        # The idle connection: GOAWAY, then closed.
+        assert idle.wait_closed(timeout=10)
+        assert ("GoAwayFrame", 0, ErrorCodes.NO_ERROR) in idle.frames
+        # The busy one: GOAWAY naming its stream as the last one; the stream finishes.
+        assert c.pump(lambda: c.goaway is not None, timeout=10)
+        assert c.goaway is not None and c.goaway.last_stream_id == slow
+        assert c.pump(lambda: c.responses[slow].finished, timeout=15)
+        assert c.responses[slow].status == 200 and c.responses[slow].ended
+        assert c.wait_closed(timeout=15)
+        # New connections negotiate what is offered now.
+        with H2Client(edge.https_port, APP) as fresh:
+            assert fresh.alpn == "http/1.1"

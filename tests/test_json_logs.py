@@ -113,10 +113,10 @@ def test_every_line_of_start_reload_issuance_and_stop_is_json_with_its_fields(
     assert "Pebble" in issued["issuer"]
     statuses = [line for line in lines if line["event"].startswith(f"status of {NAME}:")]
     assert statuses and all(s["domain"] == NAME and s["status"] for s in statuses)
-    # The supervisor's change line (added, or "now serves" when the add raced its
-    # start-up read) carries the domain and its app.
+    # The supervisor's change lines carry the domain and its app; the add is "added".
     changes = [line for line in lines if line["event"].startswith(f"domain {NAME} ")]
     assert changes and all(c["domain"] == NAME and c["app"] == "my-app" for c in changes)
+    assert changes[0]["event"].startswith(f"domain {NAME} added to my-app "), changes
     refused = next(line for line in lines if line["event"].startswith("reload refused"))
     assert refused["level"] == "error" and "invalid YAML" in refused["reason"]
     token = (tmp_path / "admin-token").read_text().strip()

@@ -315,5 +315,54 @@ def test_config_domains_are_listed_marked_and_read_only(
         refused = tlsedge("domains", *change, *c)
         assert refused.returncode == 1
         assert refused.stderr.splitlines() == [
-            "tlsedge: domain www.shop.test is set in the config file (domains:), read-only "
-            "here: change it there, then `tlsedge reload`"], change
+            f"tlsedge: domain www.shop.test is defined in the config file "
+            f"{edge.config_path.resolve()}; change or remove it there, then reload "
+            "(`tlsedge reload`)"], change
+
+
+def test_expiry_reads_in_words_the_dashboard_uses(tmp_path: Path, edge_config: Any,
+                                                 ca: CA) -> None:
+    from proxy.certs.bundle import load_bundle
+    from tests.certgen import DAY
+    from tests.support.admin import in_store
+
+    config, _ = edge_config
+    edge = Edge(tmp_path, copy.deepcopy(config), start=False)
+    c = ["-c", str(edge.config_path)]
+    name = "www.lapsed.test"
+    assert tlsedge("domains", "add", name, "--app", "my-app", *c).returncode == 0
+    now = time.time()
+    lapsed = ca.issue([name], not_before=now - 60 * DAY, not_after=now - 3 * DAY - 3600)
+    custom = ca.issue([name], not_before=now - DAY, not_after=now + 12 * DAY + 3600)
+
+    async def certificates(registry: Any) -> None:
+        await registry.store_acme_certificate(name, load_bundle(
+            lapsed.chain_pem, lapsed.key_pem, domain=name, check_time=False))
+        await registry.set_custom_certificate(name, custom.chain_pem, custom.key_pem)
+
+    in_store(edge, certificates)
+    shown = tlsedge("domains", "show", name, *c)
+    assert shown.returncode == 0, shown.stderr
+    lines = {line.split(":", 1)[0]: line.split(":", 1)[1].strip()
+             for line in shown.stdout.splitlines()}
+    until = time.strftime("%Y-%m-%d", time.gmtime(custom.cert.not_valid_after_utc.timestamp()))
+    ended = time.strftime("%Y-%m-%d", time.gmtime(lapsed.cert.not_valid_after_utc.timestamp()))
+    assert lines["certificate"] == f"custom; expires {until} (in 12 days)"
+    assert lines["acme"].endswith(f"valid until {ended} (expired 3 days ago)")
+    assert lines["custom"].endswith(f"valid until {until} (in 12 days)")
+    row = next(r for r in tlsedge("domains", "list", *c).stdout.splitlines()
+               if r.startswith(name))
+    assert f"{until} (in 12 days)" in row
+
+
+def test_adding_a_config_file_domain_to_the_store_says_the_store_wins(
+        tmp_path: Path, edge_config: Any) -> None:
+    config, _ = edge_config  # domains: {www.shop.test: my-app}
+    edge = Edge(tmp_path, copy.deepcopy(config), start=False)
+    added = tlsedge("domains", "add", "www.shop.test", "--app", "my-app",
+                    "-c", str(edge.config_path))
+    assert added.returncode == 0, added.stderr
+    assert added.stderr.splitlines() == [
+        f"tlsedge: warning: www.shop.test is also in the config file "
+        f"{edge.config_path.resolve()}: the store's domain wins from now on (its app, its "
+        "certificate once it has one); remove it from the config file"]

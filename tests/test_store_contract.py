@@ -18,7 +18,11 @@ each test in a namespace (key prefix) of its own.
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import fcntl
+import functools
 import hashlib
+import itertools
 import json
 import os
 import random
@@ -260,8 +264,23 @@ async def _child_churn(backend: StoreBackend) -> None:
             print("ready", flush=True)
 
 
+async def _child_acknowledged(backend: StoreBackend) -> None:
+    """16 writers at once, each printing the value it wrote once put() returned, until
+    SIGKILL."""
+    store = await backend.open()
+
+    async def writer(w: int) -> None:
+        for n in itertools.count():
+            value = checked_value(n, random.randint(1, 20_000))
+            await store.put(f"acked/w{w}", value)
+            print(f"w{w} {n} {hashlib.sha256(value).hexdigest()}", flush=True)
+    print("ready", flush=True)
+    await asyncio.gather(*(writer(w) for w in range(16)))
+
+
 _CHILD_MODES: dict[str, Callable[..., Coroutine[Any, Any, None]]] = {
-    "increments": _child_increments, "churn": _child_churn}
+    "increments": _child_increments, "churn": _child_churn,
+    "acknowledged": _child_acknowledged}
 
 
 # -- reads, writes, revisions -----------------------------------------------------------
@@ -926,3 +945,129 @@ def test_a_damaged_record_is_reported_not_returned(tmp_path: Path) -> None:
         with pytest.raises(StoreError, match="damaged"):
             await store.get("domains/a.example")
     run(backend, body)
+
+
+# -- FileStore: writes at once, writers killed ------------------------------------------
+
+@contextlib.contextmanager
+def store_lock_held(path: Path) -> Iterator[None]:
+    """Hold the FileStore's inter-process write lock (as another process's write would)."""
+    fd = os.open(path / "lock", os.O_RDWR)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)
+
+
+async def submitted() -> None:
+    """Let the tasks just created run their first step: a FileStore write is queued (or
+    handed to a thread) before its first await."""
+    await asyncio.sleep(0)
+
+
+def test_writes_queued_together_fail_only_where_their_condition_fails(
+        tmp_path: Path) -> None:
+    backend = FilesBackend(tmp_path)
+
+    async def body(store: Store) -> None:
+        taken = await store.put("domains/taken.example", b"old")
+        with store_lock_held(backend.path):
+            writes = [asyncio.create_task(w) for w in (
+                store.put("domains/a.example", b"a"),
+                store.put("domains/taken.example", b"new", expect=0),  # exists: conflict
+                store.put("domains/b.example", b"b", expect=0),
+                store.delete("domains/missing.example"),  # nothing to delete
+                store.delete("domains/taken2.example", expect=taken))]
+            await submitted()
+        results = await asyncio.gather(*writes, return_exceptions=True)
+        assert isinstance(results[1], ConflictError)
+        assert isinstance(results[4], ConflictError)
+        assert results[3] is False
+        assert isinstance(results[0], int) and results[2] == results[0] + 1
+        item = await store.get("domains/taken.example")
+        assert item is not None and item.value == b"old"
+        assert [i.key for i in await store.scan("domains/")] == [
+            "domains/a.example", "domains/b.example", "domains/taken.example"]
+        assert await store.revision() == results[2]  # no revision for the failed ones
+    run(backend, body)
+
+
+def test_lock_takers_released_together_get_the_lock_once(tmp_path: Path) -> None:
+    backend = FilesBackend(tmp_path)
+
+    async def body(store: Store) -> None:
+        other = await backend.open()
+        try:
+            with store_lock_held(backend.path):
+                takers = [asyncio.create_task(s.lock("domain-a.example", ttl=30))
+                          for s in (store, store, other)]
+                await submitted()
+            results = await asyncio.gather(*takers, return_exceptions=True)
+            leases = [r for r in results if not isinstance(r, BaseException)]
+            assert len(leases) == 1
+            assert all(isinstance(r, LockTimeout) for r in results if r not in leases)
+            assert await leases[0].refresh()
+        finally:
+            await other.close()
+    run(backend, body)
+
+
+def test_a_put_all_killed_half_way_leaves_no_temporary_file(tmp_path: Path) -> None:
+    """A put_all logged three writes and died while writing the first record: the next
+    write removes what it left (not only the last logged key's temporary file), and
+    the records are as they were."""
+    backend = FilesBackend(tmp_path)
+
+    async def body(store: Store) -> None:
+        first = await store.put("domains/a.example", b"old")
+        records = backend.path / "data" / "domains.d"
+        (records / "a.example.tmp").write_bytes(b"tlsedge-record 1 2 3\nne")
+        log = backend.path / "changes.log"
+        log.write_bytes(log.read_bytes() + b"2 put domains/a.example\n"
+                        b"3 put domains/b.example\n4 put domains/c.example\n")
+        assert await store.put("domains/d.example", b"d") == 5
+        assert not list(records.glob("*.tmp"))
+        item = await store.get("domains/a.example")
+        assert item is not None and (item.value, item.revision) == (b"old", first)
+        assert [i.key for i in await store.scan("domains/")] == [
+            "domains/a.example", "domains/d.example"]
+    run(backend, body)
+
+
+async def holds_acknowledged(store: Store, *, acked: dict[str, tuple[int, str]]) -> None:
+    items = {i.key.removeprefix("acked/"): i.value for i in await store.scan("acked/")}
+    for key, (n, digest) in acked.items():
+        value = items[key]
+        verify_value(value)
+        stored = int(value.split(b":", 1)[0])
+        if stored == n:
+            assert hashlib.sha256(value).hexdigest() == digest
+        else:  # the write after it, logged and in place, its answer not yet printed
+            assert stored == n + 1, f"{key}: acknowledged write {n}, found {stored}"
+
+
+def test_every_acknowledged_write_survives_its_writer_killed(tmp_path: Path) -> None:
+    """16 writers at once; the process is killed at a random moment:
+    each key holds the value last acknowledged for it, or the one written after it
+    (logged, not yet acknowledged), whole; never an older one."""
+    backend = FilesBackend(tmp_path)
+    for _ in range(3):
+        child = spawn(backend, tmp_path, "acknowledged")
+        assert child.stdout is not None and child.stdout.readline() == "ready\n"
+        time.sleep(random.uniform(0.2, 0.5))
+        child.send_signal(signal.SIGKILL)
+        child.wait()
+        acked: dict[str, tuple[int, str]] = {}
+        for line in child.stdout.read().splitlines():
+            fields = line.split()
+            if len(fields) == 3:
+                acked[fields[0]] = int(fields[1]), fields[2]
+        child.stdout.close()
+        assert acked, "the child acknowledged no write"
+        run(backend, functools.partial(holds_acknowledged, acked=acked))
+
+    async def write_once_more(store: Store) -> None:  # a write clears what a death left
+        await store.put("acked/after", b"x")
+    run(backend, write_once_more)
+    assert not [p for p in tree(backend.path) if p.name.endswith(".tmp")]

@@ -21,10 +21,10 @@ from aiohttp import web
 from proxy import listing, names
 from proxy.admin import bodies
 from proxy.admin.auth import Auth, Session
-from proxy.admin.dashboard import Dashboard, Reload
+from proxy.admin.dashboard import Dashboard, OrderQueue, Reload
 from proxy.admin.httperror import HttpError
 from proxy.errors import BundleError, InvalidName, RegistryError, StoreError
-from proxy.registry import Registry
+from proxy.registry import ConfigDomain, Registry, UnknownDomain
 
 log = logging.getLogger("tlsedge.admin")
 
@@ -56,11 +56,13 @@ class AdminApp:
     """One admin listener's request handling; lives on the supervisor's event loop."""
 
     def __init__(self, auth: Auth, registry: Callable[[], Registry], reload: Reload, *,
-                 secure: bool, clock: Callable[[], float] = time.time) -> None:
+                 secure: bool, clock: Callable[[], float] = time.time,
+                 queue: OrderQueue | None = None) -> None:
         self.auth = auth
         self.registry = registry
         self.reload = reload
-        self.dashboard = Dashboard(auth, registry, reload, secure=secure, clock=clock)
+        self.dashboard = Dashboard(auth, registry, reload, secure=secure, clock=clock,
+                                   queue=queue)
 
     async def handle(self, request: web.Request) -> web.Response:
         """The answer to any request on the admin listener (aiohttp's only handler)."""
@@ -86,6 +88,8 @@ class AdminApp:
             return await self.dashboard.route(request, nonce)
         except HttpError as exc:
             failure = exc
+        except ConfigDomain as exc:  # a dashboard button on a config file's domain
+            failure = HttpError(409, str(exc))
         except (RegistryError, BundleError) as exc:
             failure = HttpError(400, str(exc))
         except StoreError as exc:
@@ -110,6 +114,8 @@ class AdminApp:
             check_csrf_header(session, request)
         try:
             return await self._api_route(request, segments(request))
+        except ConfigDomain as exc:
+            return json_response(409, {"error": str(exc)})
         except (RegistryError, BundleError) as exc:
             return json_response(400, {"error": str(exc)})
 
@@ -130,23 +136,23 @@ class AdminApp:
                 name = await self._existing(registry, raw)
                 return json_response(200, (await registry.view(name)).to_json())
             case ["api", "v1", "domains", raw], "DELETE":
-                name = await self._existing(registry, raw)
+                name = await self._existing(registry, raw, change=True)
                 await registry.remove_domain(name)
                 log.info("admin: domain %s removed", name)
                 return json_response(200, {"removed": name})
             case ["api", "v1", "domains", raw, "certificate"], "PUT" | "POST":
-                name = await self._existing(registry, raw)
+                name = await self._existing(registry, raw, change=True)
                 chain, key = await bodies.uploaded_pair(request)
                 view = await registry.set_custom_certificate(name, chain, key)
                 log.info("admin: custom certificate of %s uploaded", name)
                 return json_response(200, view.to_json())
             case ["api", "v1", "domains", raw, "certificate"], "DELETE":
-                name = await self._existing(registry, raw)
+                name = await self._existing(registry, raw, change=True)
                 view = await registry.remove_custom_certificate(name)
                 log.info("admin: custom certificate of %s removed", name)
                 return json_response(200, view.to_json())
             case ["api", "v1", "domains", raw, "retry"], "POST":
-                name = await self._existing(registry, raw)
+                name = await self._existing(registry, raw, change=True)
                 view = await registry.retry(name)
                 log.info("admin: retry of %s requested", name)
                 return json_response(202, view.to_json())
@@ -178,10 +184,16 @@ class AdminApp:
         return app
 
     @staticmethod
-    async def _existing(registry: Registry, raw: str) -> str:
+    async def _existing(registry: Registry, raw: str, *, change: bool = False) -> str:
+        """The path's domain: 404 when there is none; 409 for a change to one of the
+        config file's (read-only here: GET answers its view, marked source config)."""
         name = domain_name(raw)
-        if await registry.domain(name) is None:
-            raise HttpError(404, f"domain {name} does not exist")
+        try:
+            await registry.require(name, change=change)
+        except UnknownDomain as exc:
+            raise HttpError(404, str(exc)) from None
+        except ConfigDomain as exc:
+            raise HttpError(409, str(exc)) from None
         return name
 
     @staticmethod

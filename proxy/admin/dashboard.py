@@ -1,6 +1,7 @@
 """The dashboard's routes: log in and out, the domains table, one domain's page and its
 forms (add, upload a custom certificate, retry Let's Encrypt now, remove), each form
-checked against the session's CSRF token before anything changes.
+checked against the session's CSRF token before anything changes; and this node's
+order queue (the orders the CA's rate limits hold back, with why and until when).
 
 Rules and error words come from proxy.registry (the CLI's); the HTML from pages.py
 (jinja2 templates); bodies from bodies.py.
@@ -11,7 +12,7 @@ from __future__ import annotations
 import logging
 import secrets
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from urllib.parse import quote, unquote
 
 from aiohttp import web
@@ -21,12 +22,16 @@ from proxy.admin import bodies, pages
 from proxy.admin.auth import LOGIN_COOKIE, SESSION_COOKIE, Auth, Session, client_address
 from proxy.admin.httperror import HttpError
 from proxy.errors import BundleError, InvalidName, RegistryError
-from proxy.registry import Registry
+from proxy.registry import Registry, UnknownDomain
 
 log = logging.getLogger("tlsedge.admin")
 
 # The supervisor's reload: None when accepted, else why it was refused.
 Reload = Callable[[], str | None]
+# This node's waiting orders, most urgent first: (domain, why, until when) — the
+# lifecycle's order budget (Budget.queue), handed over by the supervisor.
+OrderQueue = Callable[[], Sequence[tuple[str, str, float]]]
+QUEUE_PAGE = 100  # rows per page of the order queue
 
 # Messages after a successful form, picked by a fixed key (nothing is echoed back).
 DONE = {
@@ -57,12 +62,14 @@ class Dashboard:
     """Server-rendered pages behind the session cookie (or a bearer token)."""
 
     def __init__(self, auth: Auth, registry: Callable[[], Registry], reload: Reload, *,
-                 secure: bool, clock: Callable[[], float] = time.time) -> None:
+                 secure: bool, clock: Callable[[], float] = time.time,
+                 queue: OrderQueue | None = None) -> None:
         self.auth = auth
         self.registry = registry
         self.reload = reload
         self.secure = secure
         self.clock = clock
+        self.queue = queue  # None: this node orders no certificate (no acme: section)
 
     def cookie(self, response: web.Response, name: str, value: str, *, max_age: int,
                path: str = "/") -> web.Response:
@@ -97,7 +104,9 @@ class Dashboard:
                 name = await self._existing(registry, raw)
                 return html_response(200, pages.domain_page(
                     await registry.view(name), nonce=nonce, csrf=csrf, now=self.clock(),
-                    ok=DONE.get(request.query.get("done", ""))))
+                    ok=DONE.get(request.query.get("done", "")), queued=self._place(name)))
+            case ["queue"], "GET":
+                return self._queue_page(request.query.get("page", "1"), nonce, csrf)
             case ["domains", raw, "certificate"], "POST":
                 name = await self._existing(registry, raw)
                 return await self._upload(registry, request, session, name, nonce)
@@ -148,8 +157,10 @@ class Dashboard:
             name = names.normalize(raw, allow_wildcard=True)  # `*.shop.example.com` too
         except InvalidName as exc:
             raise HttpError(404, str(exc)) from None
-        if await registry.domain(name) is None:
-            raise HttpError(404, f"domain {name} does not exist")
+        try:  # a config file's domain has a page too (its changes are refused, 409)
+            await registry.require(name)
+        except UnknownDomain as exc:
+            raise HttpError(404, str(exc)) from None
         return name
 
     async def _domains(self, registry: Registry, nonce: str, csrf: str, *,
@@ -163,8 +174,30 @@ class Dashboard:
         counts = registry.index.status_counts() if registry.index is not None else None
         body = pages.domains_page(found.views, await registry.apps(), nonce=nonce,
                                   csrf=csrf, now=self.clock(), error=error, ok=ok,
-                                  query=query, next_after=found.next, counts=counts)
+                                  query=query, next_after=found.next, counts=counts,
+                                  queued=None if self.queue is None else len(self.queue()))
         return html_response(status, body)
+
+    def _queue_page(self, raw_page: str, nonce: str, csrf: str) -> web.Response:
+        """One page (QUEUE_PAGE rows) of this node's order queue, most urgent first."""
+        page = int(raw_page) if raw_page.isdigit() and len(raw_page) < 10 else 0
+        if page < 1:
+            raise HttpError(400, f"page must be a whole number from 1, not {raw_page[:20]!r}")
+        rows = self.queue() if self.queue is not None else ()
+        start = (page - 1) * QUEUE_PAGE
+        return html_response(200, pages.queue_page(
+            rows[start:start + QUEUE_PAGE], first=start + 1, total=len(rows),
+            prev_url=f"/queue?page={page - 1}" if page > 1 else None,
+            next_url=f"/queue?page={page + 1}" if start + QUEUE_PAGE < len(rows) else None,
+            acme_on=self.queue is not None, nonce=nonce, csrf=csrf, now=self.clock()))
+
+    def _place(self, name: str) -> pages.QueuePlace | None:
+        """Where `name`'s order waits in this node's queue (None: it does not wait)."""
+        rows = self.queue() if self.queue is not None else ()
+        for position, (queued, why, until) in enumerate(rows, 1):
+            if queued == name:
+                return pages.QueuePlace(position, len(rows), why, until)
+        return None
 
     async def _add(self, registry: Registry, request: web.Request, session: Session | None,
                    nonce: str) -> web.Response:

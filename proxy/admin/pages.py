@@ -12,7 +12,7 @@ from __future__ import annotations
 import html
 import re
 import time
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from typing import Any, NamedTuple
 from urllib.parse import urlencode
 
@@ -20,10 +20,9 @@ import jinja2
 import markupsafe
 
 from proxy.listing import Query
-from proxy.registry import STATUS_LABELS, DomainView
+from proxy.registry import STATUS_LABELS, DomainView, expiry_words
 
 SOURCE_LABELS = {"custom": "Custom", "letsencrypt": "Let's Encrypt", "platform": "Platform"}
-DAY = 86400.0
 
 # ACME problem types (RFC 8555 section 6.7, without the urn prefix) in words a person
 # can act on; the raw error stays beside them ("CA's answer").
@@ -74,19 +73,24 @@ def date(ts: float) -> str:
     return time.strftime("%Y-%m-%d", time.gmtime(ts))
 
 
-def _days(n: int) -> str:
-    return f"{n} day{'' if n == 1 else 's'}"
-
-
 def expiry_text(expires_at: float | None, now: float) -> str:
     """What an Expires field says: '2025-03-01 · in 12 days', '… · expired 3 days ago'."""
     if expires_at is None:
         return "platform certificate"
-    if expires_at < now:
-        ago = int((now - expires_at) // DAY)
-        return (f"{date(expires_at)} · expired "
-                f"{'less than a day' if ago == 0 else _days(ago)} ago")
-    return f"{date(expires_at)} · in {_days(int((expires_at - now) // DAY))}"
+    return f"{date(expires_at)} · {expiry_words(expires_at, now)}"
+
+
+def until_text(until: float, now: float) -> str:
+    """When a waiting order gets its turn: '2026-12-10 10:00:36 UTC · in 12 min'."""
+    when = time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime(until))
+    left = until - now
+    if left <= 0:
+        return f"{when} · now"
+    if left < 3600:
+        return f"{when} · in {max(1, round(left / 60))} min"
+    if left < 2 * 86400:
+        return f"{when} · in {round(left / 3600)} h"
+    return f"{when} · in {round(left / 86400)} days"
 
 
 def problem_words(error: str) -> str | None:
@@ -126,7 +130,8 @@ _env = jinja2.Environment(
     loader=jinja2.PackageLoader("proxy.admin", "templates"), autoescape=True,
     finalize=_escaped, undefined=jinja2.StrictUndefined, trim_blocks=True,
     lstrip_blocks=True)
-_env.globals.update(expiry_text=expiry_text, date=date, status_lines=status_lines,
+_env.globals.update(expiry_text=expiry_text, until_text=until_text, date=date,
+                    status_lines=status_lines,
                     source_labels=SOURCE_LABELS, problem_words_table=PROBLEM_WORDS,
                     unknown_problem=UNKNOWN_PROBLEM)
 
@@ -142,9 +147,10 @@ def login_page(*, nonce: str, login_csrf: str, error: str | None = None) -> str:
 def domains_page(views: Iterable[DomainView], apps: Iterable[str], *, nonce: str, csrf: str,
                  now: float, error: str | None = None, ok: str | None = None,
                  query: Query | None = None, next_after: str | None = None,
-                 counts: dict[str, int] | None = None) -> str:
+                 counts: dict[str, int] | None = None, queued: int | None = None) -> str:
     """One page of domains (proxy/listing.py), with the search and filter that made it,
-    a link to the next page, and the node's counts by status when it keeps them."""
+    a link to the next page, the node's counts by status when it keeps them, and the
+    length of its order queue (None: it orders no certificate)."""
     query = query or Query()
     asked = {"prefix": query.prefix, "status": query.status or "", "app": query.app or ""}
     asked = {k: v for k, v in asked.items() if v}
@@ -154,12 +160,32 @@ def domains_page(views: Iterable[DomainView], apps: Iterable[str], *, nonce: str
     return _render("domains.html", views=list(views), apps=sorted(apps), nonce=nonce,
                    csrf=csrf, now=now, error=error, ok=ok, query=query, next_url=next_url,
                    poll_url=poll, counts=sorted((counts or {}).items()),
-                   statuses=STATUS_LABELS)
+                   statuses=STATUS_LABELS, queued=queued)
+
+
+class QueuePlace(NamedTuple):
+    """Where a domain's order waits in this node's queue."""
+
+    position: int  # from 1
+    total: int
+    why: str  # "waiting: account budget until 2026-12-10T10:00:36Z"
+    until: float
 
 
 def domain_page(v: DomainView, *, nonce: str, csrf: str, now: float,
-                error: str | None = None, ok: str | None = None) -> str:
-    return _render("domain.html", v=v, nonce=nonce, csrf=csrf, now=now, error=error, ok=ok)
+                error: str | None = None, ok: str | None = None,
+                queued: QueuePlace | None = None) -> str:
+    return _render("domain.html", v=v, nonce=nonce, csrf=csrf, now=now, error=error, ok=ok,
+                   queued=queued)
+
+
+def queue_page(rows: Sequence[tuple[str, str, float]], *, first: int, total: int,
+               prev_url: str | None, next_url: str | None, acme_on: bool, nonce: str,
+               csrf: str, now: float) -> str:
+    """One page of this node's order queue: (domain, why, until) from place `first` on."""
+    numbered = [(first + i, name, why, until) for i, (name, why, until) in enumerate(rows)]
+    return _render("queue.html", rows=numbered, total=total, prev_url=prev_url,
+                   next_url=next_url, acme_on=acme_on, nonce=nonce, csrf=csrf, now=now)
 
 
 def message_page(title: str, text: str, *, nonce: str, csrf: str | None = None) -> str:

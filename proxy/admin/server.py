@@ -24,7 +24,7 @@ from aiohttp.http_exceptions import HttpProcessingError
 from proxy.admin import bodies
 from proxy.admin.api import AdminApp
 from proxy.admin.auth import Auth, load_or_create_token
-from proxy.admin.dashboard import Reload
+from proxy.admin.dashboard import OrderQueue, Reload
 from proxy.certs.bundle import load_bundle_files
 from proxy.certs.tls import TlsSettings, server_context
 from proxy.config import Config, parse_address
@@ -130,9 +130,11 @@ class AdminServer:
             raise TlsEdgeError(f"cannot listen on {address}: {exc.strerror}") from None
         self.sock.setblocking(False)
 
-    async def serve(self, registry: Callable[[], Registry], reload: Reload) -> None:
+    async def serve(self, registry: Callable[[], Registry], reload: Reload,
+                    queue: OrderQueue | None = None) -> None:
         """Serve until cancelled; then stop accepting and close open connections."""
-        admin = AdminApp(self.auth, registry, reload, secure=self.tls is not None)
+        admin = AdminApp(self.auth, registry, reload, secure=self.tls is not None,
+                         queue=queue)
         # client_max_size: request.read() and every multipart part stop there too.
         app = web.Application(client_max_size=bodies.MAX_BODY)
         app.router.add_route("*", "/{path:.*}", admin.handle,

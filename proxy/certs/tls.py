@@ -1,8 +1,9 @@
 """Server SSLContext factory: the TLS policy (`tls.*`: versions, TLS 1.2 ciphers,
 key-exchange groups; Mozilla intermediate by default), and per-certificate contexts
-loaded from memory (memfd), each knowing the names its certificate covers. Never
-writes a key to disk, never logs or puts key material into an error; holds no state
-between calls (but the libssl handle that sets groups).
+loaded from memory (memfd), each knowing the names its certificate covers, and what
+OpenSSL does per handshake beyond Python's ssl API (groups, no chain building, no
+session cache). Never writes a key to disk, never logs or puts key material into an
+error; holds no state between calls (but the libssl handle that sets these).
 """
 
 from __future__ import annotations
@@ -22,7 +23,8 @@ from proxy.errors import BundleError
 from proxy.names import NameSet
 
 __all__ = ["TLS12_CIPHERS", "AlertingSSLObject", "CertContext", "TlsSettings", "alert_sink",
-           "base_context", "openssl_conf_path", "server_context", "set_groups"]
+           "base_context", "cached_sessions", "openssl_conf_path", "server_context",
+           "set_groups"]
 
 @dataclass(frozen=True, slots=True)
 class TlsSettings:
@@ -77,17 +79,60 @@ class _Groups:
                       ":".join(groups).encode()) != 1:
             raise ValueError(f"OpenSSL refused the key-exchange groups {', '.join(groups)}")
 
+    def ctrl(self, ctx: ssl.SSLContext, command: int, value: int) -> int:
+        """SSL_CTX_ctrl(ctx, command, value, NULL): OpenSSL's answer."""
+        return int(self._ctrl(self._pointer(ctx), command, value, None))
+
 
 _groups: _Groups | None = None
+
+
+def _libssl() -> _Groups:
+    global _groups
+    if _groups is None:
+        _groups = _Groups()
+    return _groups
 
 
 def set_groups(ctx: ssl.SSLContext, groups: tuple[str, ...]) -> None:
     """Have `ctx` offer these key-exchange groups, preferred first. Raises ValueError
     for a group OpenSSL does not know."""
-    global _groups
-    if _groups is None:
-        _groups = _Groups()
-    _groups.set(ctx, groups)
+    _libssl().set(ctx, groups)
+
+
+# SSL_CTX_ctrl commands and values (ssl.h): Python's ssl has no API for these.
+_CTRL_SESS_NUMBER = 20
+_CTRL_MODE = 33  # SSL_CTX_set_mode (ORs the bits in)
+_CTRL_SET_SESS_CACHE_MODE = 44
+_MODE_NO_AUTO_CHAIN = 0x8
+_SESS_CACHE_SERVER = 0x2
+_SESS_CACHE_NO_INTERNAL_STORE = 0x200
+
+
+def cached_sessions(ctx: ssl.SSLContext) -> int:
+    """How many TLS sessions OpenSSL holds in `ctx`'s session cache."""
+    return _libssl().ctrl(ctx, _CTRL_SESS_NUMBER, 0)
+
+
+def _lean_handshakes(ctx: ssl.SSLContext) -> None:
+    """What a full handshake does not need to do, as nginx does it.
+
+    No automatic chain building: a certificate stored without intermediates was
+    otherwise verified against the context's (empty) trust store on every handshake
+    to look for some; the chain we loaded is sent as it is.
+
+    No server-side session cache (nginx's default `ssl_session_cache none`: session
+    IDs are handed out, nothing is kept): OpenSSL kept the session of every TLS 1.2
+    full handshake from a client without tickets, up to 20,480 of them in worker
+    memory, for resumption by session ID. TLS 1.2 clients resume with tickets, which
+    need no server memory; TLS 1.3 tickets (`tls.session_tickets`) are stateless too.
+    The session cache is the one of the context a connection starts with (the base
+    context, whichever certificate the SNI callback picks).
+    """
+    lib = _libssl()
+    lib.ctrl(ctx, _CTRL_MODE, _MODE_NO_AUTO_CHAIN)
+    lib.ctrl(ctx, _CTRL_SET_SESS_CACHE_MODE,
+             _SESS_CACHE_SERVER | _SESS_CACHE_NO_INTERNAL_STORE)
 
 
 class CertContext(ssl.SSLContext):
@@ -103,16 +148,16 @@ class CertContext(ssl.SSLContext):
     names: NameSet
 
 
-# Who sends the alert of a handshake that fails, while set (AlertingSSLObject): the
-# listener sets it around the one synchronous call that hands a connection its
-# ClientHello, where nearly every refusal happens.
+# Who sends the alert of a handshake that fails (AlertingSSLObject): the listener
+# sets it around the one synchronous call that makes a connection's TLS object, which
+# keeps it (the handshake itself runs later, in the loop's TLS protocol).
 alert_sink: ContextVar[Callable[[bytes], object] | None] = ContextVar("alert_sink",
                                                                       default=None)
 
 
 class AlertingSSLObject(ssl.SSLObject):
     """The TLS object of every listener connection: hands the alert of a failed
-    handshake to `alert_sink` before the error goes up.
+    handshake to `alert_to` (`alert_sink` when it was made) before the error goes up.
 
     OpenSSL queues the alert (protocol_version, handshake_failure, unrecognized_name,
     ...) in the outgoing buffer and fails the handshake; uvloop then closes the
@@ -122,6 +167,7 @@ class AlertingSSLObject(ssl.SSLObject):
     """
 
     _outgoing: ssl.MemoryBIO
+    alert_to: Callable[[bytes], object] | None
 
     @classmethod
     def _create(cls, incoming: ssl.MemoryBIO, outgoing: ssl.MemoryBIO,
@@ -131,6 +177,14 @@ class AlertingSSLObject(ssl.SSLObject):
         self: AlertingSSLObject = super()._create(  # type: ignore[misc]
             incoming, outgoing, *args, **kwargs)
         self._outgoing = outgoing
+        self.alert_to = alert_sink.get()
+        # The calls the TLS protocol makes per read and write (it binds them once),
+        # straight to the C object: ssl.SSLObject's read/write/pending only forward
+        # the same arguments, a Python frame each (2 to 3 per request).
+        sslobj = self._sslobj  # type: ignore[attr-defined]
+        self.read = sslobj.read  # type: ignore[method-assign]
+        self.write = sslobj.write  # type: ignore[method-assign]
+        self.pending = sslobj.pending  # type: ignore[method-assign]
         return self
 
     def do_handshake(self) -> None:
@@ -140,7 +194,7 @@ class AlertingSSLObject(ssl.SSLObject):
         except ssl.SSLWantReadError:
             raise
         except ssl.SSLError:
-            sink = alert_sink.get()
+            sink = self.alert_to
             if sink is not None:
                 pending = self._outgoing.read()
                 if pending:
@@ -172,6 +226,7 @@ def _apply_policy(ctx: ssl.SSLContext, settings: TlsSettings) -> None:
     if settings.alpn:
         ctx.set_alpn_protocols(list(settings.alpn))
     ctx.num_tickets = settings.num_tickets
+    _lean_handshakes(ctx)
 
 
 def server_context(chain_pem: bytes, key_pem: bytes, settings: TlsSettings,

@@ -186,6 +186,8 @@ class ClientSide(Protocol):
       HTTP/2 request never asks for an upgrade) makes the connection a tunnel: from
       then on `send_body` carries the backend's bytes and the session hands the
       client's to `Exchange.tunnel_from_client`.
+    - `send_trailers`: the backend's chunked trailer fields, at most once, after the
+      last `send_body` and before `end`; a side that cannot carry them drops them.
     - Answers of our own: `send_error` and `send_redirect` write a whole response and
       return whether the connection may carry another request.
     - `abort`: the response cannot end well (part of it is on the wire): the HTTP/1.1
@@ -210,6 +212,8 @@ class ClientSide(Protocol):
                   headers: list[tuple[bytes, bytes]], framing: str) -> None: ...
 
     def send_body(self, data: bytes) -> None: ...
+
+    def send_trailers(self, trailers: list[tuple[bytes, bytes]]) -> None: ...
 
     def end(self) -> None: ...
 
@@ -340,14 +344,16 @@ class BodySpool(Spool):
 
 class ResponseSpool(Spool):
     """A response a slow client is fed from: when it last took bytes (`taken_at`), and
-    the exchange's outcome held back while it drains after the backend is done."""
+    the exchange's outcome (and the response's trailers) held back while it drains
+    after the backend is done."""
 
-    __slots__ = ("pending", "taken_at")
+    __slots__ = ("pending", "taken_at", "trailers")
 
     def __init__(self, *, memory: int, file_cap: int, space_cap: int, folder: str) -> None:
         super().__init__(memory=memory, file_cap=file_cap, space_cap=space_cap, folder=folder)
         self.taken_at = 0.0
         self.pending: bool | None = None
+        self.trailers: list[tuple[bytes, bytes]] | None = None
 
 
 class Request:
@@ -1056,6 +1062,17 @@ class Exchange:
         if spool.full and not self.upstream_paused:
             self.pause_upstream()
 
+    def trailer_limits(self) -> tuple[int, int]:
+        limits = self.client.live.limits
+        return limits.max_head_bytes, limits.max_headers
+
+    def response_trailers(self, trailers: list[tuple[bytes, bytes]]) -> None:
+        spool = self.spool
+        if spool is not None and spool.size:
+            spool.trailers = trailers  # after the body the client has still to take
+        else:
+            self.session.send_trailers(trailers)
+
     def response_done(self, reusable: bool) -> None:
         conn, self.conn = self.conn, None
         spool = self.spool
@@ -1169,6 +1186,8 @@ class Exchange:
             return False
         outcome, spool.pending = spool.pending, None
         if outcome is not None:  # the backend was done: so is the exchange
+            if spool.trailers is not None:
+                self.session.send_trailers(spool.trailers)
             self.session.end()
             self._settle(outcome)
             return False

@@ -6,8 +6,19 @@ an exchange relays to an HTTP/1.1 backend (and refusing a malformed one on its s
 only, RFC 9113 8.1.1), each stream's `ClientSide` (response head, body, end, reset),
 flow control as backpressure both ways, the per-connection limits and the answers to
 the known HTTP/2 attacks (rapid reset, CONTINUATION and control-frame floods, HPACK
-bombs), the connection's timers, and GOAWAY at shutdown. Routing, the backend and the
-response policy are the exchange's. Never blocks, never touches the store.
+bombs), the backend's chunked trailers for a client that sent `te: trailers`, the
+connection's timers, and GOAWAY at shutdown. Routing, the backend and the response
+policy are the exchange's. Never blocks, never touches the store.
+
+Two of h2's connection errors are stream errors here (`_Connection`): a stream past
+SETTINGS_MAX_CONCURRENT_STREAMS is refused, and a content-length its DATA contradicts
+resets the stream (RFC 9113 5.1.2, 8.1.1); the other streams live on.
+
+Reloads: workers live on across SIGHUP, and so do their connections. A connection keeps
+what it negotiated: its certificate and names (the 421 rule), its SETTINGS; limits are
+read afresh per request. The one reload that changes what an open HTTP/2 connection
+negotiated is `tls.alpn` dropping h2: each open one then gets GOAWAY (`drain`, via
+`Worker.alpn_changed`), its streams finish, and the client reconnects for the rest.
 
 Cost: h2 is pure Python, so the session feeds it one `receive_data` per read and
 writes what it produced once per read or backend read (`cork` / `uncork`), and starts
@@ -23,19 +34,23 @@ import re
 import time
 from collections import deque
 from collections.abc import Callable
-from typing import cast
+from itertools import chain
+from operator import itemgetter
+from typing import Any, cast
 
 import h2.config
 import h2.connection
 import h2.events
 import h2.exceptions
 import h2.settings
+import hpack.hpack
+import hpack.table
 from h2.errors import ErrorCodes
 from h2.settings import SettingCodes
-from hyperframe.frame import GoAwayFrame
+from hyperframe.frame import DataFrame, GoAwayFrame, HeadersFrame
 
 from proxy import metrics
-from proxy.dataplane import checks, pages
+from proxy.dataplane import checks, closing, pages
 from proxy.dataplane.accesslog import AccessLog
 from proxy.dataplane.checks import UNDERSCORE
 from proxy.dataplane.clients import Clients
@@ -64,6 +79,18 @@ _FLOOD_FRAMES = 1000
 _FLOOD_SECONDS = 10.0
 # Seconds a connection cut with GOAWAY may take to flush before it is aborted.
 _CUT_GRACE = 5.0
+
+
+class _Silent(logging.Logger):
+    """hpack logs every field it codes, values included (cookies, authorization), at
+    DEBUG: ~20 calls per request, ~3 % of an HTTP/2 request's CPU with DEBUG off. A
+    proxy never wants those lines; h2's own logger is its no-op default already."""
+
+    def debug(self, *args: object, **kwargs: Any) -> None:
+        return None
+
+
+hpack.hpack.log = hpack.table.log = _Silent("hpack")
 
 _CONFIG = h2.config.H2Configuration(
     client_side=False, header_encoding=None,
@@ -97,8 +124,8 @@ class Stream:
     """One request stream: the `ClientSide` of its exchange."""
 
     __slots__ = ("body_paused", "client", "dirty", "end_sent", "ending", "exchange", "id",
-                 "out", "out_size", "req", "reset", "session", "stop_body", "unacked",
-                 "write_paused")
+                 "out", "out_size", "req", "reset", "session", "stop_body", "trailers",
+                 "trailers_ok", "unacked", "write_paused")
 
     def __init__(self, session: H2Session, stream_id: int) -> None:
         self.session = session
@@ -121,6 +148,10 @@ class Stream:
         # exchange paused the body).
         self.body_paused = False
         self.unacked = 0
+        # The request said `te: trailers`: the backend's trailers are relayed (`trailers`,
+        # a HEADERS frame with END_STREAM after the last DATA); else dropped.
+        self.trailers_ok = False
+        self.trailers: list[tuple[bytes, bytes]] | None = None
 
     # -- ClientSide ----------------------------------------------------------------
     def send_head(self, req: Request, status: int, reason: bytes,
@@ -138,6 +169,10 @@ class Stream:
         self.out.append(data)
         self.out_size += len(data)
         self.session.queue(self)
+
+    def send_trailers(self, trailers: list[tuple[bytes, bytes]]) -> None:
+        if self.trailers_ok and not self.reset and not self.ending:
+            self.trailers = trailers
 
     def end(self) -> None:
         if self.reset or self.ending:
@@ -199,9 +234,9 @@ class H2Session(asyncio.Protocol):
     __slots__ = (  # noqa: RUF023 (grouped by lifetime, not sorted)
         # The connection's.
         "_draining", "_flood", "_flood_since", "_goaway_sent", "_idle_since", "_last_id",
-        "_loop", "_on_lost", "_progress_at", "_read_at", "_read_paused", "_resets",
-        "_served", "_timer", "_timer_due", "client", "closed", "conn", "corked", "early",
-        "live", "peer", "scheme", "tcp", "transport", "write_paused",
+        "_loop", "_on_lost", "_own_priority", "_progress_at", "_read_at", "_read_paused",
+        "_resets", "_served", "_timer", "_timer_due", "client", "closed", "conn", "corked",
+        "early", "live", "peer", "scheme", "tcp", "transport", "write_paused",
         # The streams': open ones, and those with output to move at the next uncork.
         "_dirty", "_starting", "streams",
     )
@@ -240,6 +275,8 @@ class H2Session(asyncio.Protocol):
         self.streams: dict[int, Stream] = {}
         self._dirty: list[Stream] = []
         self._starting: list[Stream] = []
+        # The priority a HEADERS frame carried (h2 reports it as a PriorityUpdated too).
+        self._own_priority: h2.events.Event | None = None
 
     # -- asyncio.Protocol -----------------------------------------------------------
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
@@ -326,35 +363,11 @@ class H2Session(asyncio.Protocol):
 
     # -- events ---------------------------------------------------------------------
     def _handle(self, events: list[h2.events.Event]) -> None:
-        in_headers: h2.events.Event | None = None  # a HEADERS frame's own priority
+        handlers = _HANDLERS
         for event in events:
-            kind = type(event)
-            if kind is h2.events.RequestReceived:
-                request = cast(h2.events.RequestReceived, event)
-                in_headers = request.priority_updated
-                self._request(request)
-            elif kind is h2.events.DataReceived:
-                self._data(cast(h2.events.DataReceived, event))
-            elif kind is h2.events.StreamEnded:
-                stream = self.streams.get(cast(h2.events.StreamEnded, event).stream_id or 0)
-                if stream is not None and stream.req is not None:
-                    stream.req.body.finish()
-            elif kind is h2.events.StreamReset:
-                self._client_reset(cast(h2.events.StreamReset, event))
-            elif kind is h2.events.WindowUpdated:
-                self._window(cast(h2.events.WindowUpdated, event).stream_id or 0)
-            elif kind is h2.events.ConnectionTerminated:
-                # The client's GOAWAY: h2 takes no frame after it, streams included.
-                self._close_after_flush()
-                return
-            elif kind is h2.events.RemoteSettingsChanged:
-                self._flooding()
-                changed = cast(h2.events.RemoteSettingsChanged, event).changed_settings
-                if SettingCodes.INITIAL_WINDOW_SIZE in changed:
-                    self._window(0)
-            elif kind in _CONTROL_EVENTS and event is not in_headers:
-                self._flooding()
-            if self.closed or self._goaway_sent:
+            handler = handlers.get(type(event))
+            if (handler is not None and handler(self, event)) or self.closed \
+                    or self._goaway_sent:
                 return
         starting, self._starting = self._starting, []
         for stream in starting:
@@ -364,6 +377,48 @@ class H2Session(asyncio.Protocol):
                 except Exception:
                     log.exception("HTTP/2 stream of %s failed", self.peer)
                     self.reset_stream(stream, ErrorCodes.INTERNAL_ERROR)
+
+    # Handlers of h2's events (`_HANDLERS`): a true result ends the read's events.
+    def _on_request(self, event: h2.events.RequestReceived) -> None:
+        self._own_priority = event.priority_updated  # not a PRIORITY frame of its own
+        self._request(event)
+
+    def _on_end(self, event: h2.events.StreamEnded) -> None:
+        stream = self.streams.get(event.stream_id or 0)
+        if stream is None or stream.req is None:
+            return
+        req = stream.req
+        length = req.content_length
+        if length is not None and not req.body.done and req.body.total != int(length):
+            # RFC 9113 8.1.1 (h2 checks DATA frames, not a body ended by trailers).
+            self._send_reset(stream.id, ErrorCodes.PROTOCOL_ERROR)
+            self._stream_error(stream.id, "h2_malformed")
+            return
+        req.body.finish()
+
+    def _on_reset(self, event: h2.events.StreamReset) -> None:
+        limit = None if event.remote_reset else _OWN_RESETS.get(event.error_code or 0)
+        if limit is None:
+            self._client_reset(event)
+        else:
+            self._stream_error(event.stream_id or 0, limit)  # h2 sent the RST_STREAM
+
+    def _on_window(self, event: h2.events.WindowUpdated) -> None:
+        self._window(event.stream_id or 0)
+
+    def _on_goaway(self, event: h2.events.ConnectionTerminated) -> bool:
+        # The client's GOAWAY: h2 takes no frame after it, streams included.
+        self._close_after_flush()
+        return True
+
+    def _on_settings(self, event: h2.events.RemoteSettingsChanged) -> None:
+        self._flooding()
+        if SettingCodes.INITIAL_WINDOW_SIZE in event.changed_settings:
+            self._window(0)
+
+    def _on_control(self, event: h2.events.Event) -> None:
+        if event is not self._own_priority:
+            self._flooding()
 
     def _request(self, event: h2.events.RequestReceived) -> None:
         stream_id = event.stream_id or 0
@@ -436,6 +491,15 @@ class H2Session(asyncio.Protocol):
         if not stream.end_sent:
             self._count_reset()  # opened, then dropped before its answer
         self._gone(stream)
+
+    def _stream_error(self, stream_id: int, limit: str) -> None:
+        """The client's stream error, its RST_STREAM sent: counted, and the stream's
+        exchange lets the backend go (a body never reaches it looking whole)."""
+        metrics.LIMITS_HIT.labels(limit).inc()
+        stream = self.streams.pop(stream_id, None)
+        if stream is not None:
+            self._gone(stream)
+        self._count_reset()
 
     def _gone(self, stream: Stream) -> None:
         """The stream ended early: its exchange lets the backend go (never pooled)."""
@@ -556,11 +620,14 @@ class H2Session(asyncio.Protocol):
                 else:
                     out.popleft()
                 stream.out_size -= len(data)
-                last = stream.ending and not out
+                last = stream.ending and not out and stream.trailers is None
                 conn.send_data(sid, data, end_stream=last)
                 stream.end_sent = last
             if stream.ending and not out and not stream.end_sent:
-                conn.end_stream(sid)
+                if stream.trailers is not None:
+                    conn.send_headers(sid, stream.trailers, end_stream=True)
+                else:
+                    conn.end_stream(sid)
                 stream.end_sent = True
         except (h2.exceptions.StreamClosedError, h2.exceptions.ProtocolError):
             stream.reset = True
@@ -658,11 +725,8 @@ class H2Session(asyncio.Protocol):
             self._close_after_flush()
 
     def release(self) -> None:
-        """At shutdown, polled after `drain` (see HttpSession.release)."""
-        transport, tcp = self.transport, self.tcp
-        if (transport is not None and tcp is not None and transport.is_closing()
-                and not transport.get_write_buffer_size()):
-            tcp.close()
+        """At shutdown, polled after `drain` (see closing.release)."""
+        closing.release(self.transport, self.tcp)
 
     def abort(self) -> None:
         if self.transport is not None:
@@ -753,14 +817,93 @@ class H2Session(asyncio.Protocol):
         return exchange.watch(now)
 
 
-_CONTROL_EVENTS = frozenset({h2.events.PingReceived, h2.events.PriorityUpdated,
-                             h2.events.UnknownFrameReceived, h2.events.PingAckReceived})
+_HANDLERS: dict[type[h2.events.Event], Callable[[H2Session, Any], bool | None]] = {
+    h2.events.RequestReceived: H2Session._on_request,
+    h2.events.DataReceived: H2Session._data,
+    h2.events.StreamEnded: H2Session._on_end,
+    h2.events.StreamReset: H2Session._on_reset,
+    h2.events.WindowUpdated: H2Session._on_window,
+    h2.events.ConnectionTerminated: H2Session._on_goaway,
+    h2.events.RemoteSettingsChanged: H2Session._on_settings,
+    # Frames that cost us work and move no request (counted: `_flooding`).
+    h2.events.PingReceived: H2Session._on_control,
+    h2.events.PriorityUpdated: H2Session._on_control,
+    h2.events.UnknownFrameReceived: H2Session._on_control,
+    h2.events.PingAckReceived: H2Session._on_control,
+}
+# Resets h2 sends where it would have ended the connection (`_Connection`), by the
+# limit they count as.
+_OWN_RESETS: dict[int, str] = {
+    ErrorCodes.REFUSED_STREAM: "h2_max_concurrent_streams",
+    ErrorCodes.PROTOCOL_ERROR: "h2_malformed",
+}
 
 
-def _connection(live: Live) -> h2.connection.H2Connection:
+class _Connection(h2.connection.H2Connection):
+    """h2's server connection with two of its connection errors made stream errors
+    (the other streams live on), and its open-stream count made cheap.
+
+    - A new stream past SETTINGS_MAX_CONCURRENT_STREAMS gets RST_STREAM REFUSED_STREAM
+      (RFC 9113 5.1.2): h2 raises TooManyStreamsError. Its header block is still
+      decoded (the HPACK state is the connection's) and the stream taken on, then reset.
+    - A content-length the DATA contradicts gets RST_STREAM PROTOCOL_ERROR (8.1.1): h2
+      raises InvalidBodyLengthError; its bytes go back to the connection's window.
+    Both surface as a StreamReset event with `remote_reset` False (`_OWN_RESETS`).
+
+    h2 counts open streams by walking every stream it holds, pruning the closed ones,
+    on each new HEADERS; the count is exact only when it matters: while h2 holds fewer
+    streams than the limit, their number is a bound below it.
+    """
+
+    def __init__(self, config: h2.config.H2Configuration) -> None:
+        super().__init__(config=config)
+        self._checked = False  # the HEADERS frame in hand was checked against the limit
+        self._recount_at = 0  # h2's stream count at which the next exact count runs
+
+    @property
+    def open_inbound_streams(self) -> int:
+        if self._checked:
+            return 0  # h2 asks again: answered already (`_receive_headers_frame`)
+        held = len(self.streams)
+        if held < self._recount_at:
+            return held  # open ones are among them: under the limit
+        count = super().open_inbound_streams  # walks and prunes
+        # Amortised: the next walk after about as many new streams as are open.
+        self._recount_at = min(max(2 * len(self.streams), 16),
+                               self.local_settings.max_concurrent_streams)
+        return count
+
+    def _receive_headers_frame(self, frame: HeadersFrame) -> Any:
+        refuse = frame.stream_id not in self.streams and \
+            self.open_inbound_streams >= self.local_settings.max_concurrent_streams
+        self._checked = True
+        try:
+            frames, events = super()._receive_headers_frame(frame)
+        finally:
+            self._checked = False
+        if not refuse:
+            return frames, events
+        frames += self.streams[frame.stream_id].reset_stream(ErrorCodes.REFUSED_STREAM)
+        return frames, [_own_reset(frame.stream_id, ErrorCodes.REFUSED_STREAM)]
+
+    def _receive_data_frame(self, frame: DataFrame) -> Any:
+        try:
+            return super()._receive_data_frame(frame)
+        except h2.exceptions.InvalidBodyLengthError:
+            stream = self.streams[frame.stream_id]
+            frames = stream.reset_stream(ErrorCodes.PROTOCOL_ERROR)
+            self.acknowledge_received_data(frame.flow_controlled_length, frame.stream_id)
+            return frames, [_own_reset(frame.stream_id, ErrorCodes.PROTOCOL_ERROR)]
+
+
+def _own_reset(stream_id: int, code: ErrorCodes) -> h2.events.StreamReset:
+    return h2.events.StreamReset(stream_id=stream_id, error_code=code, remote_reset=False)
+
+
+def _connection(live: Live) -> _Connection:
     """An h2 server connection with our settings in force from its first frame."""
     limits = live.limits
-    conn = h2.connection.H2Connection(config=_CONFIG)
+    conn = _Connection(_CONFIG)
     # Replaced before initiate_connection sends them: h2 then enforces these values
     # from the start rather than after the client's ACK.
     conn.local_settings = h2.settings.Settings(client=False, initial_values={
@@ -789,50 +932,16 @@ def _request(stream: Stream, headers: list[tuple[bytes, bytes]], live: Live, now
     """The request a HEADERS block carries, as the HTTP/1.1 backend will get it; raises
     _Malformed (the stream is reset, nothing forwarded). A request that is well-formed
     but refused (size limits, Host, CONNECT) carries its refusal in `error`."""
-    method = scheme = authority = path = host = None
-    regular = False
-    fields: list[tuple[bytes, bytes]] = []
-    cookies: list[bytes] = []
-    content_length = None
-    size = 0
-    for name, value in headers:
-        size += len(name) + len(value) + 4
-        if name[:1] == b":":
-            if regular:
-                raise _Malformed("pseudo-header after a regular field")
-            if name == b":method" and method is None:
-                method = value
-            elif name == b":path" and path is None:
-                path = value
-            elif name == b":authority" and authority is None:
-                authority = value
-            elif name == b":scheme" and scheme is None:
-                scheme = value
-            else:
-                raise _Malformed(f"unknown or repeated pseudo-header {name!r}")
-            continue
-        regular = True
-        if name in _CONNECTION_SPECIFIC or (name == b"te" and value != b"trailers"):
-            raise _Malformed(f"connection-specific field {name!r}")
-        if name == b"cookie":
-            cookies.append(value)
-        elif name == b"host":
-            host = value
-        else:
-            if name == b"content-length":
-                content_length = value
-            fields.append((name, value))
-    names = b"".join(n for n, _ in headers if n[:1] != b":")
-    if names and not _FIELD_NAME.fullmatch(names):
-        raise _Malformed("a field name that is not a lower-case token")
-    values = [v for _, v in headers]
-    joined = b"\n".join(values)
-    if _BAD_VALUE.search(joined) or joined.count(b"\n") != max(len(values) - 1, 0):
-        raise _Malformed("a control byte or surrounding whitespace in a field value")
+    pseudo, first = _pseudo_headers(headers)
+    fields, cookies, host, content_length = _regular_fields(stream, headers, first)
+    _check_field_bytes(headers, first)
+    method, authority = pseudo.get(b":method"), pseudo.get(b":authority")
     if method is None:
         raise _Malformed("no :method")
     if authority is not None and host is not None and host != authority:
         raise _Malformed("Host and :authority differ")
+    if ended and content_length is not None and content_length != b"0":
+        raise _Malformed("a content-length on a request without DATA")  # RFC 9113 8.1.1
     req = Request(stream, now)
     req.method = method
     req.version = "2"
@@ -849,10 +958,67 @@ def _request(stream: Stream, headers: list[tuple[bytes, bytes]], live: Live, now
         req.body.done = True
     else:
         req.chunked = content_length is None
-    req.error = _refusal(method, scheme, path, authority, content_length, size, fields,
-                         live)
+    path = pseudo.get(b":path")
+    size = sum(map(len, chain.from_iterable(headers))) + 4 * len(headers)  # as HTTP/1.1
+    req.error = _refusal(method, pseudo.get(b":scheme"), path, authority, content_length,
+                         size, fields, live)
     req.url = path or b"/"
     return req
+
+
+_PSEUDO = frozenset({b":method", b":scheme", b":authority", b":path"})
+_NAME, _VALUE = itemgetter(0), itemgetter(1)
+
+
+def _pseudo_headers(headers: list[tuple[bytes, bytes]]) -> tuple[dict[bytes, bytes], int]:
+    """The request's pseudo-header fields (known ones, each once, RFC 9113 8.3.1) and
+    the index of the first regular field."""
+    pseudo: dict[bytes, bytes] = {}
+    for index, (name, value) in enumerate(headers):
+        if name[:1] != b":":
+            return pseudo, index
+        if name not in _PSEUDO or name in pseudo:
+            raise _Malformed(f"unknown or repeated pseudo-header {name!r}")
+        pseudo[name] = value
+    return pseudo, len(headers)
+
+
+def _regular_fields(stream: Stream, headers: list[tuple[bytes, bytes]], first: int
+                    ) -> tuple[list[tuple[bytes, bytes]], list[bytes], bytes | None,
+                               bytes | None]:
+    """The regular fields from `first` on, sorted: those for the backend, the cookies
+    (joined later), Host and content-length. Notes `te: trailers` on the stream."""
+    fields: list[tuple[bytes, bytes]] = []
+    cookies: list[bytes] = []
+    host = content_length = None
+    for name, value in headers[first:]:
+        if name[:1] == b":":
+            raise _Malformed("pseudo-header after a regular field")
+        if name in _CONNECTION_SPECIFIC or (name == b"te" and value != b"trailers"):
+            raise _Malformed(f"connection-specific field {name!r}")
+        if name == b"cookie":
+            cookies.append(value)
+        elif name == b"host":
+            host = value
+        else:
+            if name == b"content-length":
+                content_length = value
+            elif name == b"te":
+                stream.trailers_ok = True
+            fields.append((name, value))
+    return fields, cookies, host, content_length
+
+
+def _check_field_bytes(headers: list[tuple[bytes, bytes]], first: int) -> None:
+    """Raise _Malformed for a field name that is not a lower-case token, or a value with
+    a control byte or whitespace at either end (RFC 9113 8.2.1)."""
+    names = b"".join(map(_NAME, headers[first:]))
+    if names and not _FIELD_NAME.fullmatch(names):
+        raise _Malformed("a field name that is not a lower-case token")
+    values = list(map(_VALUE, headers))
+    joined = b"\n".join(values)
+    if _BAD_VALUE.search(joined) or joined.count(b"\n") != max(len(values) - 1, 0):
+        raise _Malformed("a control byte or surrounding whitespace in a field value")
 
 
 def _refusal(method: bytes, scheme: bytes | None, path: bytes | None,

@@ -17,9 +17,10 @@ from proxy.routing import RouteTable
 
 
 class Live:
-    __slots__ = ("access_log", "challenge_fallback", "challenges", "handshake_timeout",
-                 "https_port", "limits", "prepare_certificate", "reject_misdirected",
-                 "routes", "selector", "tls_context", "trusted_proxies")
+    __slots__ = ("access_log", "all_resident", "challenge_fallback", "challenges",
+                 "handshake_timeout", "https_port", "limits", "prepare_certificate",
+                 "reject_misdirected", "routes", "selector", "tls_context",
+                 "trusted_proxies")
 
     def __init__(self, *, selector: CertSelector, tls_context: ssl.SSLContext,
                  routes: RouteTable, limits: Limits, https_port: int,
@@ -44,6 +45,11 @@ class Live:
         # starts: None to go ahead, or something to await first (a store domain's
         # certificate read on first use). Wired by the composition root.
         self.prepare_certificate: Callable[[CertEntry], Awaitable[None] | None] | None = None
+        # Whether every certificate a handshake may pick is in memory now (asked per
+        # connection, so cheap): then no ClientHello is read before the handshake, and
+        # `prepare_certificate` is not asked. None: as False when there is a
+        # `prepare_certificate`.
+        self.all_resident: Callable[[], bool] | None = None
         # 421 when Host is outside the certificate the SNI chose (tls.reject_misdirected).
         self.reject_misdirected = reject_misdirected
         # Read once when the worker starts its listeners.

@@ -5,10 +5,11 @@ its response was read to the end and both sides allow keep-alive; a connection w
 response was cut short is closed, never reused. Per backend and worker: at most
 `max_connections` open at once, at most `queue` requests waiting beyond that (served
 in turn between client addresses), and a backend that refused or timed out a
-connection is quarantined for a while. A
-response head that breaks the rules in `checks` fails the exchange (502), never
-reaches the client. Runs on the worker's loop only; knows nothing of the client side
-except the ResponseSink interface.
+connection is quarantined for a while. A response head that breaks the rules in
+`checks` fails the exchange (502), never reaches the client. A chunked body's trailer
+fields are kept, bounded like a request head, and handed to the sink before the
+response ends. Runs on the worker's loop only; knows nothing of the client side except
+the ResponseSink interface.
 """
 
 from __future__ import annotations
@@ -39,6 +40,13 @@ HOP_BY_HOP = frozenset({
 })
 _PLAIN_CONNECTION = frozenset({b"keep-alive", b"close", b"Keep-Alive", b"Close"})
 _FRAMING = frozenset({b"content-length"})
+# Fields a trailer section must not carry (RFC 9110 6.5.1: framing, routing, request
+# modifiers, authentication, response control and content metadata): dropped from it.
+_NOT_TRAILERS = HOP_BY_HOP | frozenset({
+    b"content-length", b"content-type", b"content-encoding", b"content-range", b"host",
+    b"cache-control", b"expires", b"date", b"location", b"retry-after", b"vary", b"age",
+    b"set-cookie", b"www-authenticate", b"authorization", b"strict-transport-security",
+})
 
 
 class ResponseSink(Protocol):
@@ -52,6 +60,15 @@ class ResponseSink(Protocol):
                       framing: str) -> None: ...
 
     def response_body(self, data: bytes) -> None: ...
+
+    def trailer_limits(self) -> tuple[int, int]:
+        """The most a trailer section may hold (bytes, fields) before it is dropped."""
+        ...
+
+    def response_trailers(self, trailers: list[tuple[bytes, bytes]]) -> None:
+        """The chunked body's trailer fields (lower-case, end-to-end only): once, after
+        the last `response_body`, before `response_done`."""
+        ...
 
     def response_done(self, reusable: bool) -> None: ...
 
@@ -88,8 +105,9 @@ class UpstreamConnection(asyncio.Protocol):
 
     __slots__ = ("_close_delimited", "_connection", "_drop", "_got_head", "_has_length",
                  "_head_only", "_headers", "_output", "_paused", "_reason", "_te",
-                 "_underscore", "_wants_upgrade", "_writable", "backend", "idle_since",
-                 "last_read", "parser", "pool", "sink", "transport", "tunnel")
+                 "_trailer_fields", "_trailer_room", "_trailers", "_underscore",
+                 "_wants_upgrade", "_writable", "backend", "idle_since", "last_read",
+                 "parser", "pool", "sink", "transport", "tunnel")
 
     def __init__(self, backend: Backend, pool: UpstreamPool) -> None:
         self.backend = backend
@@ -112,6 +130,11 @@ class UpstreamConnection(asyncio.Protocol):
         self._te: bytes | None = None
         self._has_length = False
         self._close_delimited = False
+        # The response's trailer fields (None until the first), and the bytes left of
+        # their bound (below 0: over it, the section is dropped).
+        self._trailers: list[tuple[bytes, bytes]] | None = None
+        self._trailer_room = 0
+        self._trailer_fields = 0
         self._paused = False
         self._writable: asyncio.Future[None] | None = None
 
@@ -201,6 +224,7 @@ class UpstreamConnection(asyncio.Protocol):
         self._te = None
         self._has_length = False
         self._close_delimited = False
+        self._trailers = None
         self.last_read = now
 
     def write(self, data: bytes) -> None:
@@ -250,7 +274,8 @@ class UpstreamConnection(asyncio.Protocol):
         # not pass over them again (two Python loops over nginx's five headers were
         # ~1.5 us of the ~16 us of Python per proxied request).
         if self._got_head:
-            return  # trailers: dropped (we re-chunk and never announce any)
+            self._trailer(name, value)
+            return
         if UNDERSCORE in name:
             self._underscore = True
         lname = name.lower()
@@ -266,6 +291,30 @@ class UpstreamConnection(asyncio.Protocol):
         if lname == b"content-length":
             self._has_length = True
         self._headers.append((name, value))
+
+    def _trailer(self, name: bytes, value: bytes) -> None:
+        """A field of the chunked body's trailer section (RFC 9112 7.1.2): kept for the
+        sink, bounded like a request head; past the bound the whole section is dropped
+        (the body is complete without it)."""
+        trailers, sink = self._trailers, self.sink
+        if trailers is None:
+            if sink is None:
+                return
+            size, fields = sink.trailer_limits()
+            trailers = self._trailers = []
+            self._trailer_room = size
+            self._trailer_fields = fields
+        if self._trailer_room < 0:
+            return
+        lname = name.lower()
+        if lname in _NOT_TRAILERS or UNDERSCORE in name:
+            return
+        self._trailer_room -= len(name) + len(value) + 4
+        trailers.append((lname, value))
+        if self._trailer_room < 0 or len(trailers) > self._trailer_fields:
+            self._trailer_room = -1
+            trailers.clear()
+            metrics.LIMITS_HIT.labels("response_trailers").inc()
 
     def on_headers_complete(self) -> None:
         parser, sink = self.parser, self.sink
@@ -325,6 +374,10 @@ class UpstreamConnection(asyncio.Protocol):
         sink, self.sink = self.sink, None
         self._output = None  # an idle pooled connection must not hold a client
         if sink is not None:
+            trailers = self._trailers
+            if trailers:
+                self._trailers = None
+                sink.response_trailers(trailers)
             transport = self.transport
             sink.response_done(keep_alive and transport is not None
                                and not transport.is_closing())

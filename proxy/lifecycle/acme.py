@@ -32,14 +32,14 @@ from acme.client import ClientNetwork, ClientV2
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
-from josepy import jwa, jwk
+from josepy import json_util, jwa, jwk
 
 from proxy.certs.csr import csr_pem, new_key, private_key_pem
 from proxy.errors import IssuanceError
 
 __all__ = ["PERMANENT_PROBLEMS", "Account", "AccountUnknown", "AcmeClient",
            "AcmeSettings", "AuthorizationFailed", "ChallengePublisher", "Dns01Publisher",
-           "Issued", "IssuerUnavailable", "RateLimited", "RenewalInfo"]
+           "Issued", "IssuerUnavailable", "RateLimited", "RenewalInfo", "ari_cert_id"]
 
 log = logging.getLogger(__name__)
 
@@ -305,6 +305,20 @@ def _account_jwk(key_pem: str) -> tuple[jwk.JWK, jwa.JWASignature]:
     if isinstance(key, rsa.RSAPrivateKey):
         return jwk.JWKRSA(key=key), jwa.RS256
     raise IssuanceError("ACME account key must be ECDSA or RSA", permanent=True)
+
+
+def ari_cert_id(chain_pem: bytes) -> str | None:
+    """The ARI id of a chain's leaf certificate: what an order renewing it names in
+    `replaces` (RFC 9773 5), and what renewalInfo is asked for."""
+    return _ari_cert_id(x509.load_pem_x509_certificate(chain_pem))
+
+
+class _ReplacingOrder(messages.NewOrder):
+    """A new order naming the certificate it renews (RFC 9773 5: `replaces`), which
+    acme 5.9's NewOrder has no field for. A CA with ARI links the two, and Let's
+    Encrypt exempts such a renewal from its new-order limits."""
+
+    replaces: str = json_util.field("replaces", omitempty=True)
 
 
 def _ari_cert_id(cert: x509.Certificate) -> str | None:
@@ -576,19 +590,22 @@ class AcmeClient:
 
     async def order(self, account: Account, domain: str,
                     publisher: ChallengePublisher, *, also: tuple[str, ...] = (),
-                    dns: Dns01Publisher | None = None) -> Issued:
+                    dns: Dns01Publisher | None = None, replaces: str | None = None) -> Issued:
         """Order a certificate for `domain` (and the names `also`) with HTTP-01, or with
-        DNS-01 through `dns`; return the chain and a new key.
+        DNS-01 through `dns`; return the chain and a new key. `replaces`: the ARI id
+        (ari_cert_id) of the certificate an ARI-guided renewal replaces, sent with the
+        order (a CA that says it was replaced already gets the order without it).
 
         Tokens are published through `publisher` (TXT values through `dns`) before each
         challenge is answered and withdrawn afterwards, whatever happens. Takes at most
         about settings.order_timeout seconds. IssuanceError carries the CA's problem.
         """
         return await self._run(functools.partial(self._order_sync, account, domain, publisher,
-                                                 also, dns))
+                                                 also, dns, replaces))
 
     def _order_sync(self, account: Account, domain: str, publisher: ChallengePublisher,
-                    also: tuple[str, ...], dns: Dns01Publisher | None, flow: _Flow) -> Issued:
+                    also: tuple[str, ...], dns: Dns01Publisher | None, replaces: str | None,
+                    flow: _Flow) -> Issued:
         started = time.monotonic()
         deadline = started + self.settings.order_timeout + (dns.timeout if dns else 0.0)
         key = new_key(self.settings.key_type)
@@ -598,7 +615,7 @@ class AcmeClient:
         try:
             with flow.errors(what):
                 client = flow.client(account.key_pem, account.uri)
-                orderr = client.new_order(csr)
+                orderr = self._new_order(client, csr, (domain, *also), replaces)
                 for authzr in orderr.authorizations:
                     if dns is not None:
                         self._answer_dns01(flow, client, authzr, dns, published)
@@ -614,6 +631,29 @@ class AcmeClient:
             self._withdraw(flow, published)
         log.info("issued a certificate for %s in %.2f s", domain, time.monotonic() - started)
         return Issued(chain, private_key_pem(key))
+
+    @staticmethod
+    def _new_order(client: ClientV2, csr: bytes, names: tuple[str, ...],
+                   replaces: str | None) -> messages.OrderResource:
+        """client.new_order, with `replaces` when given."""
+        if replaces is None:
+            return client.new_order(csr)
+        order = _ReplacingOrder(identifiers=[
+            messages.Identifier(typ=messages.IDENTIFIER_FQDN, value=n) for n in names],
+            replaces=replaces)
+        try:
+            response = client._post(client.directory["newOrder"], order)
+        except messages.Error as problem:
+            if _problem_code(problem) != "alreadyReplaced":
+                raise
+            log.warning("the CA says certificate %s was replaced already; ordering %s "
+                        "without `replaces`", replaces, names[0])
+            return client.new_order(csr)
+        body = messages.Order.from_json(response.json())
+        return messages.OrderResource(
+            body=body, uri=response.headers.get("Location"), csr_pem=csr,
+            authorizations=[client._authzr_from_response(client._post_as_get(url), uri=url)
+                            for url in body.authorizations])
 
     def _answer(self, flow: _Flow, client: ClientV2, authzr: messages.AuthorizationResource,
                 publisher: ChallengePublisher, published: list[_Undo]) -> None:

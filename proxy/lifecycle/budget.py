@@ -210,15 +210,23 @@ class Budget:
         self.store = store
         self.issuers = {i.id: i for i in issuers}
         self.clock = clock
-        self._waiting: dict[str, tuple[Ask, float]] = {}  # name -> (ask, its turn)
+        self._waiting: dict[str, tuple[Ask, float, str]] = {}  # name -> (ask, turn, why)
         self._jobs: list[_Job] = []
         self._flusher: asyncio.Task[None] | None = None
         self._psl_read = False
 
     @property
-    def waiting(self) -> Mapping[str, tuple[Ask, float]]:
-        """The orders this node has told to wait, by domain: (what they ask, their turn)."""
+    def waiting(self) -> Mapping[str, tuple[Ask, float, str]]:
+        """The orders this node has told to wait, by domain: (what they ask, their turn,
+        why they wait)."""
         return self._waiting
+
+    def queue(self) -> list[tuple[str, str, float]]:
+        """This node's waiting orders in queue order, most urgent first: (domain, why
+        it waits, until when). For the dashboard; as long as the queue (thousands at
+        most: orders wait only while the CA's limits hold them back)."""
+        order = sorted(self._waiting.items(), key=lambda entry: entry[1][0].urgency)
+        return [(name, why, until) for name, (_, until, why) in order]
 
     async def reserve(self, ask: Ask) -> Grant | Wait:
         """Take what `ask` needs, or say until when it waits and why."""
@@ -267,7 +275,7 @@ class Budget:
         asked = {j.ask.name for j in jobs if j.ask is not None}
         now = self.clock()
         self._waiting = {n: w for n, w in self._waiting.items() if w[1] + _FORGET > now}
-        queued = [a for n, (a, _) in self._waiting.items() if n not in asked]
+        queued = [a for n, (a, _, _) in self._waiting.items() if n not in asked]
         involved = {a.issuer for a in queued} | {
             (j.ask or j.grant.ask).issuer for j in jobs  # type: ignore[union-attr]
         }
@@ -403,7 +411,7 @@ class Budget:
             if job.ask is None:
                 continue
             if isinstance(result, Wait):
-                self._waiting[job.ask.name] = (job.ask, result.until)
+                self._waiting[job.ask.name] = (job.ask, result.until, result.reason)
             else:
                 self._waiting.pop(job.ask.name, None)
         metrics.ACME_QUEUE.set(len(self._waiting))

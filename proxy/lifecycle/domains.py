@@ -20,7 +20,6 @@ tests move time instead of sleeping.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import heapq
 import logging
 import time
@@ -34,7 +33,7 @@ from proxy import metrics
 from proxy.certs.bundle import CertBundle, load_bundle
 from proxy.errors import BundleError, IssuanceError, LockTimeout, StoreError
 from proxy.lifecycle import renewal
-from proxy.lifecycle.acme import Account, AccountUnknown, AcmeClient, Issued
+from proxy.lifecycle.acme import Account, AccountUnknown, AcmeClient, Issued, ari_cert_id
 from proxy.lifecycle.budget import Ask, Budget, Wait, urgency
 from proxy.lifecycle.dns01 import Dns01
 from proxy.lifecycle.dnscheck import DnsChecker, DnsVerdict
@@ -109,6 +108,7 @@ class Lifecycle:
         self._scanned_at: float | None = None
         self._slots = asyncio.Semaphore(settings.concurrency)
         self._reported: set[tuple[str, str]] = set()  # (key, error) already logged
+        self._wake = asyncio.Event()  # notify() saw a change: the next pass comes now
 
     @property
     def acme(self) -> AcmeClient:
@@ -136,15 +136,37 @@ class Lifecycle:
                     wait = min(self.settings.tick * 2 ** min(failures, 10), PASS_BACKOFF_MAX)
                     log.exception("lifecycle pass failed unexpectedly (%d in a row); "
                                   "next pass in %.0f s", failures, wait)
-                with contextlib.suppress(asyncio.TimeoutError):
-                    await asyncio.wait_for(stop.wait(), wait)
+                await self._pause(stop, wait, early=failures == 0)
         finally:
             for task in self._inflight.values():
                 task.cancel()
 
+    async def _pause(self, stop: asyncio.Event, seconds: float, *, early: bool) -> None:
+        """Until the next pass: `seconds`, or less when stopped or, unless backing off
+        after a failed pass (`early` False), when notify() saw a change: a domain just
+        added is looked at now, not up to a tick later."""
+        waiters = [asyncio.ensure_future(stop.wait())]
+        if early:
+            waiters.append(asyncio.ensure_future(self._wake.wait()))
+        try:
+            await asyncio.wait(waiters, timeout=seconds, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            for waiter in waiters:
+                waiter.cancel()
+        self._wake.clear()
+
     def notify(self, names: Iterable[str]) -> None:
-        """These domains (or their statuses or certificates) changed in the store."""
-        self._dirty.update(names)
+        """These domains (or their statuses or certificates) changed in the store: the
+        next pass looks at them. It comes at once when one of them is new to this
+        lifecycle (a domain just added); the changes of domains it knows, such as the
+        statuses another node writes while it orders one, wait for the next tick."""
+        new = False
+        for name in names:
+            new = new or not (name in self._dirty or name in self._due
+                              or name in self._inflight)
+            self._dirty.add(name)
+        if new:
+            self._wake.set()
 
     async def tick(self) -> list[asyncio.Task[None]]:
         """One pass: start work for every domain that needs it; returns the new tasks.
@@ -428,16 +450,20 @@ class Lifecycle:
             return
         acme = await self._read(rec.cert_key(name, "acme"), rec.CertMeta)
         renewing = acme is not None and now < acme.not_after
+        replaces: str | None = None
 
         async def attempt() -> tuple[Account, Issued]:
             await self._note(name, state="creating",
                              message="renewing" if renewing else "ordering a certificate")
-            return await self._order(name)
+            # Only the CA that issued the certificate knows what `replaces` names.
+            issuer = status.issuer if status is not None else ""
+            return await self._order(name, replaces if self._issuer_name() == issuer else None)
 
         started = time.monotonic()
         keeper = asyncio.create_task(self._keep(lease), name=f"lease {name}")
         try:
             ask = await self._ask(domain, status, acme, now)
+            replaces = await self._replaces(name, ask)
             outcome = await dispatch(self.issuers, self.budget, ask,
                                      status.failures if status is not None else 0, attempt)
             if isinstance(outcome, Wait):
@@ -481,6 +507,18 @@ class Lifecycle:
                    renewal=acme is not None and set(acme.names) == set(names),
                    ari=renewing and status is not None and status.ari_at > 0)
 
+    async def _replaces(self, name: str, ask: Ask) -> str | None:
+        """The ARI id of the certificate an ARI-guided renewal replaces (RFC 9773 5): the
+        order names it, so the CA links the two and counts no new order for it."""
+        if not ask.ari:
+            return None
+        try:
+            bundle = await self.registry.certificate_bundle(name, "acme")
+        except BundleError as exc:
+            log.warning("renewing %s without `replaces`: %s", name, exc)
+            return None
+        return None if bundle is None else ari_cert_id(bundle.chain_pem)
+
     async def _wait(self, name: str, wait: Wait, renewing: bool) -> None:
         """The order waits for the budget or a pause the CA asked for: said in the
         status (its state unchanged: no failure) and due again at its turn."""
@@ -495,30 +533,32 @@ class Lifecycle:
     def _issuer_name(self) -> str:
         return (current.get() or self.issuers.preferred).name
 
-    async def _order(self, name: str) -> tuple[Account, Issued]:
+    async def _order(self, name: str, replaces: str | None = None) -> tuple[Account, Issued]:
         """Order with the node's account. When the CA no longer knows it (restarted,
         database reset, account deactivated), register a new one and order again at
         once; a second refusal is an ordinary failure, retried with backoff."""
         account = await self._ensure_account()
         try:
-            return account, await self._place(account, name)
+            return account, await self._place(account, name, replaces)
         except AccountUnknown as exc:
             log.warning("the CA refused ACME account %s (%s); registering a new account",
                         account.uri, exc)
         account = await self._replace_account(account)
-        return account, await self._place(account, name)
+        return account, await self._place(account, name, replaces)
 
-    async def _place(self, account: Account, name: str) -> Issued:
+    async def _place(self, account: Account, name: str, replaces: str | None) -> Issued:
         """One order: DNS-01 for a domain that asks for it (with its apex, when both are
-        attached), else HTTP-01, then DNS-01 if that failed and acme.dns01.fallback."""
+        attached), else HTTP-01, then DNS-01 if that failed and acme.dns01.fallback.
+        `replaces`: the ARI id of the certificate it renews (_replaces)."""
         challenges = StoreChallenges(self.store)
         domain = await self._read(rec.domain_key(name), rec.DomainRecord)
         dns01 = self.dns01
         if dns01 is not None and domain is not None and domain.challenge == "dns-01":
             return await self.acme.order(account, name, challenges, also=await self._apex(name),
-                                         dns=dns01.publisher(self.store, name))
+                                         dns=dns01.publisher(self.store, name),
+                                         replaces=replaces)
         try:
-            return await self.acme.order(account, name, challenges)
+            return await self.acme.order(account, name, challenges, replaces=replaces)
         except AccountUnknown:
             raise
         except IssuanceError as exc:
@@ -531,7 +571,7 @@ class Lifecycle:
                                     permanent=exc.permanent) from None
             log.info("HTTP-01 order for %s failed (%s); ordering with DNS-01", name, exc)
         return await self.acme.order(account, name, challenges,
-                                     dns=dns01.publisher(self.store, name))
+                                     dns=dns01.publisher(self.store, name), replaces=replaces)
 
     async def _issued(self, name: str, account: Account, bundle: CertBundle) -> None:
         window, ari_at = await self._ask_ari(name, bundle.chain_pem, self.clock())

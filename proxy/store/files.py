@@ -48,6 +48,7 @@ from proxy.atomicfile import fsync_dir, write_atomic, write_new
 from proxy.errors import LockTimeout, StoreError
 from proxy.store import checkpoint
 from proxy.store.base import MAX_WRITES, Compacted, Event, Item, Write, conflict
+from proxy.store.keys import MAX_KEY
 from proxy.store.keys import check_prefix as _check_prefix
 from proxy.store.keys import split_key as _split_key
 from proxy.store.records import LOCKS
@@ -63,6 +64,7 @@ _PAGE = 10_000  # items per page of scan_pages
 _BATCH = 4096  # log entries handled per LOCK_SH hold, so a catching-up watcher never
 #                holds writers off for long
 _READ_MAX = 1 << 20
+_ENTRY_MAX = MAX_KEY + 32  # bytes of a change-log line at most: revision, op, key
 # A scan that walked a segment of at least this many records, or replayed more changed
 # keys than this on top of its checkpoint, writes a fresh checkpoint (outside the lock).
 _CHECKPOINT_AFTER = 1_000
@@ -111,6 +113,7 @@ class _Tail:
     revision: int
     good_size: int  # where the last complete line ends
     last_key: str | None
+    last_deleted: bool = False
 
 
 _DAMAGED_LOG = "the store's changes.log is damaged"
@@ -142,10 +145,10 @@ def _read_tail(fd: int) -> _Tail:
         if end < 0:
             return _Tail(base, base, start, None)
     try:
-        revision, _, key = _parse_entry(window[prev + 1:end])
+        revision, deleted, key = _parse_entry(window[prev + 1:end])
     except ValueError:
         raise StoreError(_DAMAGED_LOG) from None
-    return _Tail(base, revision, start + end + 1, key)
+    return _Tail(base, revision, start + end + 1, key, deleted)
 
 
 class FileStore:
@@ -521,14 +524,33 @@ class FileStore:
             tail = _read_tail(fd)
             if tail.good_size != os.fstat(fd).st_size:  # a writer died mid-append
                 os.ftruncate(fd, tail.good_size)
-            if tail.last_key is not None:  # the last writer may have died mid-write
-                last = tail.last_key.split("/")
-                with contextlib.suppress(FileNotFoundError, NotADirectoryError):
-                    os.unlink(os.path.join(self._dir_of(last[:-1]), last[-1] + _TMP))
+            if tail.last_key is not None and not self._applied(tail):
+                self._remove_temporaries(fd, tail)  # the last writer died mid-write
         except BaseException:
             os.close(fd)
             raise
         return fd, tail
+
+    def _applied(self, tail: _Tail) -> bool:
+        """Whether the log's last entry is in place. A put_all puts its records in place
+        in the order it logged them, so then every earlier one is too."""
+        assert tail.last_key is not None
+        found = _read_record(self._record_path(tail.last_key.split("/")), header_only=True)
+        if tail.last_deleted:
+            return found is None or found[0] > tail.revision
+        return found is not None and found[0] >= tail.revision
+
+    def _remove_temporaries(self, fd: int, tail: _Tail) -> None:
+        """Remove the temporary file a writer that died left beside one of its records:
+        any of the keys of the last MAX_WRITES entries (a put_all writes that many; its
+        death may come at any of them, not only at the last one logged)."""
+        _, entries = _read_header(fd)
+        start = max(entries, tail.good_size - MAX_WRITES * _ENTRY_MAX)
+        lines = os.pread(fd, tail.good_size - start, start).splitlines()
+        for line in lines[-MAX_WRITES:]:
+            parts = line.rsplit(b" ", 1)[-1].decode(errors="replace").split("/")
+            with contextlib.suppress(FileNotFoundError, NotADirectoryError):
+                os.unlink(os.path.join(self._dir_of(parts[:-1]), parts[-1] + _TMP))
 
     @staticmethod
     def _expected(key: str, path: str, expect: int | None) -> tuple[int, bytes] | None:

@@ -7,7 +7,7 @@ sees it; a failure raises and leaves whatever is serving untouched. Nothing here
 swaps: the composition root assigns the result. Never imports the data plane.
 """
 
-from proxy.sync.briefs import BriefState, CertBrief, DomainBrief, Tally, View
+from proxy.sync.briefs import UNCOUNTED, BriefState, CertBrief, DomainBrief, Tally, View
 from proxy.sync.compose import (
     Composed,
     Composer,
@@ -25,9 +25,33 @@ from proxy.sync.follow import SlotLoader, StoreFollower
 from proxy.sync.snapshot import SnapshotFile, SnapshotKeeper, SnapshotReader, read_node
 from proxy.sync.state import StoreState, load_state, trim_heap
 
-__all__ = ["BriefState", "CertBrief", "Composed", "Composer", "DomainBrief", "DomainSlot",
-           "Resident", "SlotLoader", "Snapshot", "SnapshotFile", "SnapshotKeeper",
-           "SnapshotReader",
-           "StoreFollower", "StoreNames", "StoreState", "StoredEntry", "Tally", "View",
-           "compose", "compose_apps", "compose_routes", "load_state", "load_static",
-           "read_node", "route_domains", "tls_settings", "trim_heap"]
+__all__ = [
+    "UNCOUNTED",
+    "BriefState",
+    "CertBrief",
+    "Composed",
+    "Composer",
+    "DomainBrief",
+    "DomainSlot",
+    "Resident",
+    "SlotLoader",
+    "Snapshot",
+    "SnapshotFile",
+    "SnapshotKeeper",
+    "SnapshotReader",
+    "StoreFollower",
+    "StoreNames",
+    "StoreState",
+    "StoredEntry",
+    "Tally",
+    "View",
+    "compose",
+    "compose_apps",
+    "compose_routes",
+    "load_state",
+    "load_static",
+    "read_node",
+    "route_domains",
+    "tls_settings",
+    "trim_heap",
+]

@@ -31,6 +31,20 @@ _WORKER_PREFIXES = (rec.DOMAINS, rec.APPS, rec.CHALLENGES, rec.CERTS, rec.PEM)
 View = tuple[str, str]  # (in_use, status): what tlsedge_domains counts, what views show
 
 
+class _Uncounted:
+    """The type of UNCOUNTED."""
+
+    __slots__ = ()
+
+    def __repr__(self) -> str:
+        return "UNCOUNTED"
+
+
+# `touched`'s "view before" of a domain the start-up read had found but not counted yet
+# when an event changed it: a domain before, its view unknown (no View equals it).
+UNCOUNTED = _Uncounted()
+
+
 class CertBrief(msgspec.Struct, frozen=True, gc=False):
     """A certificate as the supervisor keeps it: its validity (the serving choice and
     the expiry tallies need no more; views read the record). 80 bytes where the
@@ -284,7 +298,10 @@ class BriefState:
     A store event changes the brief it names and re-counts that brief alone
     (`classify`: the supervisor's view rule, registry.view_status). `touched` holds
     each domain changed since the owner last looked, with its view before the first
-    change (the owner logs the changes and tells the lifecycle).
+    change (None: not a domain then; UNCOUNTED: read at start-up, not counted yet),
+    events during the start-up read included: the owner logs the changes and tells the
+    lifecycle. `reset` says the state was read whole again (history compacted): what
+    `touched` holds then is no news to log.
     """
 
     classify: Classify
@@ -292,15 +309,16 @@ class BriefState:
     tally: Tally = field(default_factory=Tally)
     revision: int = 0
     count: int = 0  # names with a domain record
-    touched: dict[str, View | None] = field(default_factory=dict)
-    reset: bool = True
+    touched: dict[str, View | _Uncounted | None] = field(default_factory=dict)
+    reset: bool = False
     clock: Callable[[], float] = time.time
     # Changes applied to records a worker reads (domains, apps, challenges,
     # certificates): how far the workers' snapshot is behind (sync/snapshot.py).
     worker_changes: int = 0
     # While the start-up read goes on (its pages of certificates and statuses, read
-    # after the follower started): the names events changed since, whose records
-    # those pages must not overwrite. None once loaded.
+    # after the follower started): the keys events changed since, whose records those
+    # pages must not overwrite (the name's other records they still bring). None once
+    # loaded.
     loading: set[str] | None = field(default_factory=set)
     # The domains' names in order, for listings (built once loaded).
     ordered: SortedNames | None = None
@@ -312,6 +330,8 @@ class BriefState:
             self.progress.set()  # `revision` moved (the follower sets it first)
         if key.startswith(_WORKER_PREFIXES):
             self.worker_changes += 1
+        if self.loading is not None:
+            self.loading.add(key)
         try:
             if key.startswith(rec.DOMAINS):
                 name = key[len(rec.DOMAINS):]
@@ -355,8 +375,6 @@ class BriefState:
                 self.ordered.add(name)
 
     def _changing(self, name: str) -> _Change:
-        if self.loading is not None:
-            self.loading.add(name)
         return _Change(self, name)
 
     # -- the node's index for listings (listing.DomainIndex) ----------------------------
@@ -375,10 +393,10 @@ class BriefState:
         return counts
 
     def loaded(self) -> None:
-        """The start-up read is done (and counted): events are news from here on. Sorts
-        the names once (~1 s at a million, off the workers' path)."""
+        """The start-up read is done (and counted): the events seen while it went on
+        stay in `touched` for the owner to log. Sorts the names once (~1 s at a million,
+        off the workers' path)."""
         self.loading = None
-        self.reset = True
         self.ordered = SortedNames(n for n, b in self.domains.items() if b.app is not None)
 
     def names(self, after: str, prefix: str) -> Iterator[str]:
@@ -432,7 +450,7 @@ class BriefState:
                 newer = self.loading or ()
                 for item in items:
                     parsed = rec.parse_cert_key(item.key)
-                    if parsed is None or parsed[0] in newer:
+                    if parsed is None or item.key in newer:
                         continue
                     cert = self._decoded(item, cert_brief)
                     if cert is None:
@@ -447,7 +465,7 @@ class BriefState:
                 cut, newer = len(rec.STATUS), self.loading or ()
                 for item in items:
                     status = self._decoded(item, _status_head)
-                    if status is not None and item.key[cut:] not in newer:
+                    if status is not None and item.key not in newer:
                         name = item.key[cut:]
                         brief = domains.get(name) or domains.setdefault(name, DomainBrief())
                         brief.state = sys.intern(status.state)
@@ -552,7 +570,8 @@ class _Change:
     def __enter__(self) -> DomainBrief:
         state, brief = self.state, self.brief
         if self.name not in state.touched:  # None: not a domain before (no record yet)
-            state.touched[self.name] = brief.view if brief.app is not None else None
+            before = brief.view if brief.view is not None else UNCOUNTED
+            state.touched[self.name] = before if brief.app is not None else None
         state.tally.remove(self.name, brief)
         return brief
 

@@ -86,8 +86,8 @@ class DomainSlot(CertEntry):
     context is built) and serves what records.serving_certificate picks.
     """
 
-    __slots__ = ("acme", "built_key", "chosen", "custom", "generation", "loaded", "name",
-                 "pems", "used")
+    __slots__ = ("acme", "built_key", "chosen", "custom", "loaded", "name", "pems",
+                 "pending", "used")
 
     def __init__(self, name: str) -> None:  # the base's __init__ wants a bundle
         self.name = name
@@ -98,7 +98,10 @@ class DomainSlot(CertEntry):
         self.pems: dict[str, bytes] | None = None
         self.chosen: StoredEntry | None = None
         self.loaded = False
-        self.generation = 0  # bumped by every certificate event for this domain
+        # While a read of the domain's records is in flight: the certificate events seen
+        # meanwhile, (key, value, revision), those newer than what the read returned
+        # replayed in order on top of it (follow.SlotLoader): no event costs a re-read.
+        self.pending: list[tuple[str, bytes | None, int]] | None = None
         self.used = 0.0  # time.monotonic() of the last handshake prepared for it
         # The context_key the context cache last built for this slot (it drops that
         # context when the slot's certificate changes: see ContextCache.get).
@@ -180,6 +183,19 @@ class DomainSlot(CertEntry):
         return min((t for r in (self.custom, self.acme) if r is not None
                     for t in (r.not_before, r.not_after) if t > now), default=None)
 
+    def replay(self, events: list[tuple[str, bytes | None, int]],
+               read: dict[str, int]) -> None:
+        """Apply the events seen while a read was in flight (see `pending`) that are
+        newer than the records it returned (`read`: key -> revision)."""
+        for key, value, revision in events:
+            if revision <= read.get(key, 0):
+                continue  # the read has this change, or a later one
+            last = key.rpartition("/")[2]  # a certificate's source, a material's fingerprint
+            if key.startswith(rec.PEM):
+                self.set_material(last, value)
+            else:
+                self.set(last, value)
+
     def unload(self) -> None:
         self.custom = self.acme = None
         self.pems = None
@@ -245,6 +261,12 @@ class Resident:
     def discard(self, slot: DomainSlot) -> None:
         """`slot`'s domain was removed: drop it, and retire it (see DomainSlot.retire)."""
         slot.retire()
+        if self.slots.get(slot.name) is slot:
+            del self.slots[slot.name]
+            metrics.CERTIFICATES_RESIDENT.set(len(self.slots))
+
+    def forget(self, slot: DomainSlot) -> None:
+        """Let go of `slot`, unloaded by its owner (read again on its next handshake)."""
         if self.slots.get(slot.name) is slot:
             del self.slots[slot.name]
             metrics.CERTIFICATES_RESIDENT.set(len(self.slots))

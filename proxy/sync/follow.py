@@ -1,6 +1,8 @@
 """Following the store: the watch (StoreFollower), and a worker's reads of certificates
 (SlotLoader: a domain's on its first handshake, all of them at start within the
-resident limit).
+resident limit, and the rest of a slot made from an upload's events: StoreState says
+why). Events that come while a domain's read is in flight are replayed on what it
+returns (DomainSlot.pending): an event never costs a second read.
 """
 
 from __future__ import annotations
@@ -83,26 +85,35 @@ class SlotLoader:
             metrics.CERTIFICATE_LOADS.labels("failed").inc()
             log.warning("could not read the certificate of %s for a handshake: %s",
                         slot.name, exc)
+            if self.state.slots.get(slot.name) is slot:  # one made from events is
+                slot.unload()  # incomplete: read whole on its name's next handshake
         else:
             metrics.CERTIFICATE_LOADS.labels("ok").inc()
             metrics.CERTIFICATE_LOAD_SECONDS.observe(time.monotonic() - started)
         finally:
             del self._loading[slot.name]
+            slot.pending = None
             if not slot.loaded and self.state.slots.get(slot.name) is slot:
                 del self.state.slots[slot.name]  # read again on the next handshake
+                self.state.resident.forget(slot)
 
     async def _read(self, slot: DomainSlot) -> None:
-        while True:
-            generation = slot.generation
-            certs, pems = await asyncio.gather(self.store.scan(f"{rec.CERTS}{slot.name}/"),
-                                               self.store.scan(f"{rec.PEM}{slot.name}/"))
-            if slot.generation == generation:
-                break  # else an event for this domain came in meanwhile: read again
-        if self.state.slots.get(slot.name) is not slot or slot.loaded:
-            return  # the domain went away, or an event filled it meanwhile
+        """Read the domain's records once; the events that came meanwhile (the slot's
+        `pending`) are replayed on top (they are newer, or re-apply what was read)."""
+        if slot.pending is None:
+            slot.pending = []
+        certs, pems = await asyncio.gather(self.store.scan(f"{rec.CERTS}{slot.name}/"),
+                                           self.store.scan(f"{rec.PEM}{slot.name}/"))
+        if self.state.slots.get(slot.name) is not slot:
+            return  # the domain went away (or its slot was unloaded) meanwhile
         records = {item.key.rpartition("/")[2]: item.value for item in certs}
         materials = {item.key.rpartition("/")[2]: item.value for item in pems}
-        self.state.note(slot.fill(records, materials, time.time()))
+        events, slot.pending = slot.pending or [], None
+        now = time.time()
+        slot.fill(records, materials, now)
+        slot.replay(events, {item.key: item.revision for part in (certs, pems)
+                             for item in part})
+        self.state.note(slot.choose(now))
         self.state.resident.add(slot)
         self.loaded()
 
@@ -168,10 +179,24 @@ class SlotLoader:
                  time.monotonic() - started)
 
     def load_fresh(self) -> None:
-        """Load, in the background, the domains events added, while there is room."""
+        """Load, in the background, the domains events added, while there is room, and
+        complete the slots events made (their ACME record)."""
+        for slot in self.state.incomplete:
+            if self.state.slots.get(slot.name) is slot and slot.name not in self._loading:
+                self._loading[slot.name] = asyncio.get_running_loop().create_task(
+                    self._complete(slot), name="certificate-read")
+            else:
+                self.state.completing = max(0, self.state.completing - 1)
+        self.state.incomplete.clear()
         if self.state.fresh and (self._background is None or self._background.done()):
             self._background = asyncio.get_running_loop().create_task(
                 self._load_fresh(), name="load-new-domains")
+
+    async def _complete(self, slot: DomainSlot) -> None:
+        try:
+            await self._load(slot)
+        finally:
+            self.state.completing = max(0, self.state.completing - 1)
 
     async def _load_fresh(self) -> None:
         state = self.state

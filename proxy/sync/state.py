@@ -11,6 +11,7 @@ import gc
 import logging
 import sys
 import time
+from collections import OrderedDict
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 
@@ -97,6 +98,16 @@ class StoreState:
     # While certificates read earlier wait to be filled in (fill_steps): the domains
     # whose certificate changed since, which the fill leaves to a read of their own.
     filling: set[str] | None = None
+    # Custom key material of domains without a slot, as events brought it (the
+    # registry writes it just before the metadata record): a custom certificate then
+    # serves from the events themselves, no read first (custom_from_event). Bounded.
+    materials: OrderedDict[str, dict[str, bytes]] = field(default_factory=OrderedDict)
+    # Slots made from events that serve a custom certificate, their ACME record not
+    # read yet: the loader reads it in the background (SlotLoader.load_fresh);
+    # `completing` counts those not read yet (at most COMPLETING: a bulk upload of
+    # certificates costs no more reads than it did, past them).
+    incomplete: list[DomainSlot] = field(default_factory=list)
+    completing: int = 0
 
     def __post_init__(self) -> None:
         self.resident.dropped = self._dropped
@@ -175,8 +186,9 @@ class StoreState:
         if slot is None or source not in ("custom", "acme"):
             if self.filling is not None:
                 self.filling.add(name)
-            return False
-        slot.generation += 1  # a read in flight reads again
+            return slot is None and source == "custom" and self.custom_from_event(name, value)
+        if slot.pending is not None:  # a read in flight: replayed on top of it
+            slot.pending.append((key, value, self.revision))
         if not slot.loaded:
             return False
         slot.set(source, value)
@@ -185,15 +197,62 @@ class StoreState:
 
     def _slot_material(self, key: str, value: bytes | None) -> bool:
         parsed = rec.parse_pem_key(key)
-        slot = self.slots.get(parsed[0]) if parsed is not None else None
-        if slot is None or parsed is None:
-            if self.filling is not None and parsed is not None:
-                self.filling.add(parsed[0])
+        if parsed is None:
             return False
-        slot.generation += 1
+        name, source, fingerprint = parsed
+        slot = self.slots.get(name)
+        if slot is None:
+            if self.filling is not None:
+                self.filling.add(name)
+            if source == "custom":
+                self._keep_material(name, fingerprint, value)
+            return False
+        if slot.pending is not None:
+            slot.pending.append((key, value, self.revision))
         if slot.loaded:
-            slot.set_material(parsed[2], value)
+            slot.set_material(fingerprint, value)
         return False  # the metadata event that follows switches the certificate
+
+    MATERIALS_KEPT = 64
+    COMPLETING = 32
+
+    def _keep_material(self, name: str, fingerprint: str, value: bytes | None) -> None:
+        held = self.materials.get(name)
+        if value is None:
+            if held is not None:
+                held.pop(fingerprint, None)
+            return
+        if held is None:
+            held = self.materials[name] = {}
+            if len(self.materials) > self.MATERIALS_KEPT:
+                self.materials.popitem(last=False)
+        held[fingerprint] = value
+
+    def custom_from_event(self, name: str, value: bytes | None) -> bool:
+        """A custom certificate record for a domain this worker holds no slot for (a
+        name not served lately): with its key material from the event before, and
+        valid now, it serves at once (a valid custom certificate wins whatever the
+        ACME one is), from a slot the loader completes in the background. Else False:
+        read on the name's next handshake, as before."""
+        materials = self.materials.pop(name, None)
+        if value is None or materials is None or not self.is_domain(name) \
+                or self.completing >= self.COMPLETING:
+            return False
+        slot = DomainSlot(name)
+        slot.pems = materials
+        slot.set("custom", value)
+        now = time.time()
+        custom = slot.custom
+        if custom is None or custom.material is None \
+                or rec.serving_certificate(custom, None, now) is not custom:
+            return False
+        slot.loaded, slot.pending = True, []  # events until the read are replayed on it
+        self.slots[name] = slot
+        self.resident.add(slot)
+        self.note(slot.choose(now))
+        self.incomplete.append(slot)
+        self.completing += 1
+        return True
 
     def _dropped(self, slot: DomainSlot) -> None:
         """`resident` unloaded `slot` to make room: let it go (made again if asked)."""
@@ -284,6 +343,7 @@ class StoreState:
         self.resident = fresh.resident
         self.resident.dropped = self._dropped
         self.fresh, self.filling = [], None
+        self.materials, self.incomplete, self.completing = OrderedDict(), [], 0
         self.configured, self.config_only = {}, set()  # the composer configures again
         self.reset = True
 

@@ -33,6 +33,7 @@ class Response:
     body: bytearray = field(default_factory=bytearray)
     ended: bool = False
     reset: int | None = None  # the RST_STREAM error code, when the server reset it
+    trailers: Headers | None = None  # a HEADERS frame after the response's DATA
 
     def header(self, name: bytes) -> bytes | None:
         return next((v for n, v in self.headers if n == name), None)
@@ -211,6 +212,8 @@ class H2Client:
         if isinstance(event, h2.events.ResponseReceived) and resp is not None:
             resp.status = int(dict(event.headers or [])[b":status"])
             resp.headers = list(event.headers or [])
+        elif isinstance(event, h2.events.TrailersReceived) and resp is not None:
+            resp.trailers = list(event.headers or [])
         elif isinstance(event, h2.events.DataReceived):
             if resp is not None:
                 resp.body += event.data or b""

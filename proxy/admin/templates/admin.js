@@ -23,7 +23,8 @@
       return date(ts) + " \u00b7 expired " + (ago === 0 ? "less than a day" : days(ago)) +
         " ago";
     }
-    return date(ts) + " \u00b7 in " + days(Math.floor(left / DAY));
+    var until = Math.floor(left / DAY);
+    return date(ts) + " \u00b7 in " + (until === 0 ? "less than a day" : days(until));
   }
   function problemWords(error) {
     var found = [], re = /urn:ietf:params:acme:error:([A-Za-z]+)/g, m;
