@@ -957,6 +957,16 @@ def test_dashboard_shows_the_order_queue_paged_with_each_domains_reason_and_turn
             refused = api.request("GET", "/queue?page=0")
             assert refused.status == 400 and "page must be a whole number from 1" in \
                 refused.text
+            # The same queue through the API, a page at a time.
+            listed = api.request("GET", "/api/v1/queue?limit=60&offset=50").json()
+            assert listed["acme"] is True and listed["waiting"] == 101
+            assert [o["domain"] for o in listed["orders"]] == waiting[50:101]
+            assert all(o["reason"].startswith("waiting: account budget until ")
+                       and o["until"] > time.time() for o in listed["orders"])
+            assert len(api.request("GET", "/api/v1/queue").json()["orders"]) == 100
+            too_many = api.request("GET", "/api/v1/queue?limit=1001")
+            assert too_many.status == 400 and too_many.json()["error"] == \
+                "limit must be a whole number from 1 to 1000"
             assert_orders(pebble, 2)
     finally:
         edge.__exit__(None, None, None)

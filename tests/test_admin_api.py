@@ -183,6 +183,10 @@ def test_config_file_domain_is_shown_read_only_and_its_changes_get_409(
     assert shown.json()["status_label"] == "Config"
     page = api.request("GET", f"/domains/{CONFIGURED}")  # the dashboard's page too
     assert page.status == 200 and CONFIGURED in page.text
+    # read-only there: no upload, remove or retry form, a line saying where to change it
+    assert 'id="read-only"' in page.text and "change or remove it there" in page.text
+    assert not any(f'id="{form}"' in page.text
+                   for form in ("upload", "remove-domain", "remove-custom", "retry"))
     before = snapshot(api)
     issued = ca.issue([CONFIGURED])
     pair = {"certificate": issued.chain_pem.decode(), "key": issued.key_pem.decode()}

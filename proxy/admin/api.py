@@ -11,7 +11,7 @@ from __future__ import annotations
 import logging
 import secrets
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from typing import Any
 from urllib.parse import unquote
 
@@ -44,6 +44,22 @@ def json_response(status: int, data: Any, headers: list[tuple[str, str]] | None 
                         content_type="application/json", headers=headers or [])
 
 
+def _whole(query: Mapping[str, str], key: str, default: int, low: int,
+           high: int | None = None) -> int:
+    """A whole-number query parameter within [low, high]; 400 with the bounds if not."""
+    raw = query.get(key)
+    if raw is None:
+        return default
+    try:
+        value = int(raw)
+    except ValueError:
+        value = low - 1
+    if value < low or (high is not None and value > high):
+        bounds = f"from {low} to {high}" if high is not None else f"from {low}"
+        raise HttpError(400, f"{key} must be a whole number {bounds}")
+    return value
+
+
 def domain_name(raw: str) -> str:
     """A path's domain in normal form; the registry's words when it is not a name."""
     try:
@@ -61,6 +77,7 @@ class AdminApp:
         self.auth = auth
         self.registry = registry
         self.reload = reload
+        self.queue = queue
         self.dashboard = Dashboard(auth, registry, reload, secure=secure, clock=clock,
                                    queue=queue)
 
@@ -165,6 +182,8 @@ class AdminApp:
                 settings = await registry.set_force_https(app, body.force_https)
                 log.info("admin: app %s force_https %s", app, body.force_https)
                 return json_response(200, settings)
+            case ["api", "v1", "queue"], "GET":
+                return json_response(200, self._queue_page(request.query))
             case ["api", "v1", "reload"], "POST":
                 refused = self.reload()
                 if refused is not None:
@@ -173,9 +192,19 @@ class AdminApp:
             case (["api", "v1", "domains"] | ["api", "v1", "domains", _]
                   | ["api", "v1", "domains", _, "certificate"]
                   | ["api", "v1", "domains", _, "retry"] | ["api", "v1", "reload"]
+                  | ["api", "v1", "queue"]
                   | ["api", "v1", "apps", _]), _:
                 raise HttpError(405, f"{request.method} is not allowed on {request.path}")
         raise HttpError(404, f"no such API endpoint: {request.path}")
+
+    def _queue_page(self, query: Mapping[str, str]) -> dict[str, Any]:
+        """This node's waiting orders, most urgent first: `limit` (1-1000, default 100)
+        from `offset`; `acme: false` on a node that orders no certificate."""
+        limit, offset = _whole(query, "limit", 100, 1, 1000), _whole(query, "offset", 0, 0)
+        rows = self.queue() if self.queue is not None else ()
+        return {"acme": self.queue is not None, "waiting": len(rows),
+                "orders": [{"domain": name, "reason": why, "until": until}
+                           for name, why, until in rows[offset:offset + limit]]}
 
     @staticmethod
     async def _existing_app(registry: Registry, app: str) -> str:
