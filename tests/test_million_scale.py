@@ -297,14 +297,24 @@ def test_metrics_keep_a_bounded_label_set_and_count_every_domain(
             return sum(v for labels, v in samples(text, "tlsedge_domains")
                        if labels.get("status") == "in_use")
 
+        soonest = sorted(expiry.values())
+
+        def acme_series(text: str) -> list[float]:
+            return sorted(v for labels, v in samples(
+                text, "tlsedge_certificate_expiry_timestamp_seconds")
+                if labels["source"] == "acme")
+
         def all_counted() -> str | None:
+            # The counts and the soonest-expiring list fill in as the supervisor reads
+            # the store's pages: scrape until both have every domain.
             text = scrape(edge)[0]
-            return text if counted(text) == COUNT else None
+            done = (counted(text) == COUNT
+                    and (got := acme_series(text)) == soonest[:len(got)] and got)
+            return text if done else None
 
         text = eventually(all_counted)
         series = samples(text, "tlsedge_certificate_expiry_timestamp_seconds")
-        store_series = sorted(v for labels, v in series if labels["source"] == "acme")
-        soonest = sorted(expiry.values())
+        store_series = acme_series(text)
         assert len(series) == 100
         assert store_series == soonest[:len(store_series)]
         assert sum(v for labels, v in samples(text, "tlsedge_certificates")
