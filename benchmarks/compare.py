@@ -1,22 +1,25 @@
-"""tlsedge side by side with nginx, HAProxy, Caddy and the floor on this machine
+"""tlsedge side by side with nginx, HAProxy, Caddy and the floors on this machine
 (issues 5 and 14).
 
 One plain-HTTP nginx backend; each proxy in turn terminates TLS in front of it with
 the same certificate, worker count and access-log setting. The floor
 (benchmarks/floor.py) is a bare relay with tlsedge's TLS settings: tlsedge's features
-cost the distance floor -> tlsedge. Every worker count of --workers is measured in
+cost the distance floor -> tlsedge. The HTTP floor (floor.py --http, "floor-http") is
+that relay with httptools parsing every request and response on the way: what parsing
+HTTP/1.1 in Python costs at the least, so floor-http -> tlsedge is what tlsedge's
+features cost above it. Every worker count of --workers is measured in
 every round; proxies and worker counts rotate round by round. The table shows medians,
-ratios to nginx (and tlsedge to the floor) and issue 14's targets; the JSON
+ratios to nginx (and tlsedge to each floor) and issue 14's targets; the JSON
 (benchmarks/results/<timestamp>.json) keeps every round, and a Markdown rendering for
 the README goes next to it (<timestamp>.md).
 
 Default run (`make bench`): issue 14's table (keepalive, handshakes, memory), workers 1
 and 2, 3 rounds, wrk 5 s, 3,000 handshakes per variant, 3 x 10 s of handshakes and
-10,000 idle connections for memory. Estimated at about 35 minutes on a quiet 2-core
+10,000 idle connections for memory. Estimated at about 42 minutes on a quiet 2-core
 machine: per proxy, worker count and round, keep-alive ~9 s (start, 1 s warm-up,
 5 s), handshakes ~15 s (two starts, 4 x 3,000 at ~2,300/s ECDSA and ~1,000/s RSA),
 memory ~47 s (two starts, 10,000 connections opened, 30 s of handshakes, RSS settling);
-x 5 proxies x 2 worker counts x 3 rounds. `seconds_by_scenario` in the JSON has the
+x 6 proxies x 2 worker counts x 3 rounds. `seconds_by_scenario` in the JSON has the
 real figures. The other scenarios (large, h2, names, swap: issues 5 and 13) run with
 --scenarios, h2/names/swap at the largest worker count only (`make bench-more`).
 
@@ -183,7 +186,7 @@ def _others(bench: scenarios.Bench, opts: argparse.Namespace, r: int, add: Add) 
     wanted = set(opts.scenarios)
     order = _rotated(opts.proxies, r)
     if "h2" in wanted:
-        for proxy in (p for p in order if p != "floor"):
+        for proxy in (p for p in order if not p.startswith("floor")):
             got = scenarios.http2(bench, proxy)
             for variant, numbers in got.items():
                 add("h2", variant, proxy, numbers)
@@ -308,7 +311,7 @@ def main(argv: list[str] | None = None) -> int:
     print()
     print(NOTE.format(cpus=cpus))
     print(f"medians of {opts.rounds} round(s); ratios are to nginx (and tlsedge to the "
-          "floor); targets apply to tlsedge")
+          "floors); targets apply to tlsedge")
     print(text)
     check = result.get("full_handshake_check")
     if check:

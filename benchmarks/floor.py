@@ -17,9 +17,17 @@ limits, metrics or logs. One consequence: a client's `Connection: close` reaches
 backend, which closes, so every full handshake also costs the floor a backend
 connect (nginx and tlsedge reuse pooled backend connections).
 
+With --http it is the HTTP floor ("floor-http" in the benchmarks): the same relay,
+with the least any HTTP/1.1 proxy built on httptools must do per request besides: the
+client's bytes go through a request parser (its Host field read, as routing needs) and
+the backend's through a response parser (where each response ends, as keep-alive
+pooling needs), and both are still relayed unchanged. tlsedge's cost above it is its
+features (routing, header rewrite, limits, metrics, pooling), not parsing HTTP in
+Python.
+
     OPENSSL_CONF=proxy/certs/openssl.cnf python benchmarks/floor.py \\
         --listen 127.0.0.1:8443 --backend 127.0.0.1:8080 --ciphers SUITES \\
-        --cert NAMES CHAIN KEY [--cert ...] [--workers N]
+        --cert NAMES CHAIN KEY [--cert ...] [--workers N] [--http]
 
 Stands alone: never imports proxy/ (a floor must not share what it measures).
 """
@@ -109,17 +117,31 @@ def _contexts(certs: list[list[str]], ciphers: str) -> Any:
     return listener
 
 
-def _upstream_protocol() -> Any:
-    """The backend side of a relay: bytes to the client, flow control both ways."""
+def _upstream_protocol(http: bool) -> Any:
+    """The backend side of a relay: bytes to the client, flow control both ways (with
+    `http`, through a response parser first)."""
     import asyncio
 
+    import httptools
+
     class Upstream(asyncio.Protocol):
-        __slots__ = ("client",)
+        __slots__ = ("client", "feed", "responses")
 
         def __init__(self, client: Any) -> None:
             self.client = client
+            self.responses = 0
+            self.feed = httptools.HttpResponseParser(self).feed_data if http else None
+
+        def on_message_complete(self) -> None:
+            self.responses += 1  # a pool would take the connection back here
 
         def data_received(self, data: bytes) -> None:
+            if self.feed is not None:
+                try:
+                    self.feed(data)
+                except httptools.HttpParserError:
+                    self.client.transport.abort()  # nothing broken reaches the client
+                    return
             self.client.transport.write(data)
 
         def pause_writing(self) -> None:
@@ -134,19 +156,24 @@ def _upstream_protocol() -> Any:
     return Upstream
 
 
-def _client_protocol(loop: Any, backend: tuple[str, int]) -> Any:
-    """The client side: a backend connection of its own, bytes to it unchanged."""
+def _client_protocol(loop: Any, backend: tuple[str, int], http: bool) -> Any:
+    """The client side: a backend connection of its own, bytes to it unchanged (with
+    `http`, through a request parser first, its Host field read)."""
     import asyncio
 
-    upstream_protocol = _upstream_protocol()
+    import httptools
+
+    upstream_protocol = _upstream_protocol(http)
 
     class Client(asyncio.Protocol):
-        __slots__ = ("pending", "transport", "upstream")
+        __slots__ = ("feed", "host", "pending", "transport", "upstream")
 
         def connection_made(self, transport: Any) -> None:
             self.transport = transport
             self.upstream: Any = None
             self.pending: list[bytes] = []
+            self.host = b""
+            self.feed = httptools.HttpRequestParser(self).feed_data if http else None
             # uvloop connects only in a coroutine: one task per client connection.
             loop.create_task(self._connect())
 
@@ -165,7 +192,17 @@ def _client_protocol(loop: Any, backend: tuple[str, int]) -> Any:
                 upstream.write(b"".join(self.pending))
                 self.pending = []
 
+        def on_header(self, name: bytes, value: bytes) -> None:
+            if name.lower() == b"host":
+                self.host = value  # what a router would look up
+
         def data_received(self, data: bytes) -> None:
+            if self.feed is not None:
+                try:
+                    self.feed(data)
+                except httptools.HttpParserError:
+                    self.transport.abort()  # nothing broken reaches the backend
+                    return
             if self.upstream is None:
                 self.pending.append(data)
             else:
@@ -187,7 +224,7 @@ def _client_protocol(loop: Any, backend: tuple[str, int]) -> Any:
 
 
 def _serve(sock: socket.socket, backend: tuple[str, int], certs: list[list[str]],
-           ciphers: str) -> None:
+           ciphers: str, http: bool) -> None:
     """One worker: asyncio is imported here, in the child, to keep the master small."""
     import asyncio
 
@@ -195,7 +232,7 @@ def _serve(sock: socket.socket, backend: tuple[str, int], certs: list[list[str]]
 
     loop = uvloop.new_event_loop()
     asyncio.set_event_loop(loop)
-    client = _client_protocol(loop, backend)
+    client = _client_protocol(loop, backend, http)
     loop.run_until_complete(loop.create_server(client, sock=sock, ssl=_contexts(certs, ciphers),
                                                backlog=1024, ssl_handshake_timeout=10.0))
     loop.run_forever()
@@ -209,6 +246,8 @@ def main() -> int:
                    metavar=("NAMES", "CHAIN", "KEY"), help="NAMES: comma-separated")
     p.add_argument("--workers", type=int, default=1)
     p.add_argument("--ciphers", required=True, help="TLS 1.2 suites (OpenSSL names)")
+    p.add_argument("--http", action="store_true",
+                   help="the HTTP floor: requests and responses through httptools parsers")
     opts = p.parse_args()
     # One socket per worker, bound here before the fork (as tlsedge's supervisor does).
     socks = [_listen(opts.listen, opts.workers > 1) for _ in range(opts.workers)]
@@ -219,7 +258,7 @@ def main() -> int:
             for other in socks:
                 if other is not sock:
                     other.close()
-            _serve(sock, opts.backend, opts.cert, opts.ciphers)
+            _serve(sock, opts.backend, opts.cert, opts.ciphers, opts.http)
             os._exit(0)
         children.append(pid)
         sock.close()

@@ -26,7 +26,7 @@ import procstat
 
 ROOT = Path(__file__).resolve().parent.parent
 # In the table's column order: the peers, then the floor, then tlsedge.
-PROXIES = ("nginx", "haproxy", "caddy", "floor", "tlsedge")
+PROXIES = ("nginx", "haproxy", "caddy", "floor", "floor-http", "tlsedge")
 PLATFORM = "bench.test"
 APP = "bench"
 HOST = f"{APP}.{PLATFORM}"  # the Host (and SNI where a name is sent) every client uses
@@ -280,8 +280,8 @@ def start_proxy(kind: str, workdir: Path, opts: ProxyOptions,
     port = free_port()
     if kind == "tlsedge":
         return _tlsedge(workdir, opts, port, extras or TlsedgeExtras())
-    if kind == "floor":
-        return _floor(workdir, opts, port)
+    if kind in ("floor", "floor-http"):
+        return _floor(workdir, opts, port, http=kind == "floor-http")
     if kind == "nginx":
         return _start_nginx("nginx", workdir, _nginx_proxy_conf(workdir, opts, port), port)
     if kind == "haproxy":
@@ -388,17 +388,20 @@ https://:{port} {{
 """
 
 
-def _floor(workdir: Path, opts: ProxyOptions, port: int) -> Proc:
+def _floor(workdir: Path, opts: ProxyOptions, port: int, *, http: bool) -> Proc:
+    """The floor, or with `http` the HTTP floor (benchmarks/floor.py --http)."""
     if opts.h2:
         raise ValueError("the floor relays bytes: it cannot speak HTTP/2 to an HTTP/1.1 backend")
     names = f"{HOST},*.{PLATFORM},localhost"
     argv = [tlsedge_python(), str(ROOT / "benchmarks" / "floor.py"),
             "--listen", f"127.0.0.1:{port}", "--backend", f"127.0.0.1:{opts.backend_port}",
             "--workers", str(opts.workers), "--ciphers", TLS12_CIPHERS,
-            "--cert", names, str(opts.cert.chain), str(opts.cert.key)]
+            "--cert", names, str(opts.cert.chain), str(opts.cert.key),
+            *(["--http"] if http else [])]
     # tlsedge's key-exchange groups: its CLI points OPENSSL_CONF at this file too.
     cnf = ROOT / "proxy" / "certs" / "openssl.cnf"
-    return spawn("floor", argv, workdir, env={"OPENSSL_CONF": str(cnf)}, port=port)
+    return spawn("floor-http" if http else "floor", argv, workdir,
+                 env={"OPENSSL_CONF": str(cnf)}, port=port)
 
 
 def tlsedge_python() -> str:

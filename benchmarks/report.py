@@ -137,10 +137,11 @@ def _check(row: Row, med: Medians, mine: float) -> list[dict[str, Any]]:
 
 
 def _ratio_columns(present: list[str]) -> list[tuple[str, str]]:
-    """(proxy, reference) pairs: each proxy to nginx, and tlsedge to the floor."""
+    """(proxy, reference) pairs: each proxy to nginx, and tlsedge to each floor."""
     pairs = [(p, "nginx") for p in present if p != "nginx" and "nginx" in present]
-    if "floor" in present and "tlsedge" in present:
-        pairs.append(("tlsedge", "floor"))
+    for floor in ("floor", "floor-http"):
+        if floor in present and "tlsedge" in present:
+            pairs.append(("tlsedge", floor))
     return pairs
 
 

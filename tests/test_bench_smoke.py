@@ -1,16 +1,25 @@
 """The benchmark harness works (not a performance test): a tiny --quick run of the
-keep-alive and memory scenarios for nginx, the floor and tlsedge prints the table,
-writes sane JSON and the Markdown next to it; the report marks issue 14's targets."""
+keep-alive and memory scenarios for nginx, the floors and tlsedge prints the table,
+writes sane JSON and the Markdown next to it; the report marks issue 14's targets; the
+HTTP floor parses what it relays."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import shutil
+import socket
+import ssl
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
+
+from tests.certgen import CA
+from tests.support.ports import free_port
+from tests.support.rawserver import RawServer
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -30,10 +39,10 @@ def report_module() -> object:
 
 
 @needs_tools
-def test_quick_run_measures_nginx_floor_and_tlsedge_and_writes_json_and_markdown(
+def test_quick_run_measures_nginx_floors_and_tlsedge_and_writes_json_and_markdown(
         tmp_path: Path) -> None:
     cmd = [sys.executable, str(ROOT / "benchmarks" / "compare.py"), "--quick",
-           "--proxies", "nginx,floor,tlsedge", "--scenarios", "keepalive,memory",
+           "--proxies", "nginx,floor,floor-http,tlsedge", "--scenarios", "keepalive,memory",
            "--workers", "1", "--seconds", "1", "--rss-seconds", "1", "--idle-conns", "300",
            "--results", str(tmp_path)]
     done = subprocess.run(cmd, capture_output=True, text=True, timeout=150, cwd=ROOT)
@@ -43,7 +52,7 @@ def test_quick_run_measures_nginx_floor_and_tlsedge_and_writes_json_and_markdown
     [result] = tmp_path.glob("*.json")
     data = json.loads(result.read_text())
     med = data["medians"]["1"]
-    for proxy in ("nginx", "floor", "tlsedge"):
+    for proxy in ("nginx", "floor", "floor-http", "tlsedge"):
         keepalive = med["keepalive"][""][proxy]
         assert keepalive["rps"] > 0
         assert keepalive["cpu_us_per_req"] > 0
@@ -57,8 +66,9 @@ def test_quick_run_measures_nginx_floor_and_tlsedge_and_writes_json_and_markdown
     ratios = [t for t in data["targets"] if t["row"] == "keep-alive CPU us/request"]
     assert ratios and ratios[0]["workers"] == 1 and ratios[0]["measured"] > 0
     markdown = result.with_suffix(".md").read_text()
-    assert "| metric | nginx | floor | tlsedge |" in markdown
-    assert "tlsedge/floor" in markdown and "**1 worker**" in markdown
+    assert "| metric | nginx | floor | floor-http | tlsedge |" in markdown
+    assert "tlsedge/floor |" in markdown and "tlsedge/floor-http |" in markdown
+    assert "**1 worker**" in markdown
     assert "| RSS MiB per 10,000 idle keep-alive conns |" in markdown
 
 
@@ -83,3 +93,57 @@ def test_report_has_a_section_per_worker_count_ratios_to_nginx_and_the_floor(
     assert by_row[1, "worker RSS MiB idle"]["pass"] is False  # 70 MiB > 60
     assert by_row[1, "RSS growth % in run 3"]["pass"] is True
     assert by_row[2, "CPU us/handshake ecdsa-tls1.3"]["measured"] == pytest.approx(1.8)
+
+
+class _Recorder(RawServer):
+    """A backend that records what reaches it and answers each read with a response."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.got: list[bytes] = []
+
+    def serve(self, conn: socket.socket) -> None:
+        with conn:
+            while data := conn.recv(65536):
+                self.got.append(data)
+                conn.sendall(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")
+
+
+@pytest.mark.parametrize("http", [False, True], ids=["floor", "floor-http"])
+def test_the_http_floor_parses_what_it_relays_and_the_floor_does_not(
+        tmp_path: Path, http: bool) -> None:
+    """The HTTP floor's figures mean "HTTP parsed in Python" only if it parses: a
+    request llhttp refuses never reaches its backend, while the bare floor relays it."""
+    backend = _Recorder()
+    chain, key = CA.new("floor test CA").issue(["floor.test"]).write(tmp_path, "floor")
+    port = free_port()
+    floor = subprocess.Popen(
+        [sys.executable, str(ROOT / "benchmarks" / "floor.py"), "--listen",
+         f"127.0.0.1:{port}", "--backend", backend.address, "--ciphers",
+         "ECDHE-ECDSA-AES128-GCM-SHA256", "--cert", "floor.test", chain, key,
+         *(["--http"] if http else [])])
+    client = ssl.create_default_context()
+    client.check_hostname, client.verify_mode = False, ssl.CERT_NONE
+    try:
+        deadline = time.monotonic() + 20
+        while True:
+            try:
+                raw = socket.create_connection(("127.0.0.1", port), timeout=5)
+                break
+            except OSError:
+                if time.monotonic() > deadline:
+                    raise
+                time.sleep(0.05)
+        with client.wrap_socket(raw, server_hostname="floor.test") as tls:
+            tls.sendall(b"GET / HTTP/1.1\r\nHost: floor.test\r\n\r\n")
+            assert tls.recv(65536).startswith(b"HTTP/1.1 200 OK")
+            tls.sendall(b"GET / HTTP/1.1\r\nHost: floor.test\r\nContent-Length: -1\r\n\r\n")
+            answer = b""
+            with contextlib.suppress(OSError):
+                answer = tls.recv(65536)
+        assert len(backend.got) == (1 if http else 2)
+        assert answer == (b"" if http else b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")
+    finally:
+        floor.terminate()
+        floor.wait(10)
+        backend.close()
