@@ -18,6 +18,7 @@ Writes only under a temp work dir, benchmarks/.cache and benchmarks/results/.
     .venv/bin/python benchmarks/cluster_scale.py                      # 100,000 domains
     .venv/bin/python benchmarks/cluster_scale.py --domains 1000000 --configs default
     .venv/bin/python benchmarks/cluster_scale.py --files 100000       # the file store
+    .venv/bin/python benchmarks/cluster_scale.py --files 100000 --no-checkpoints --cold
 """
 
 from __future__ import annotations
@@ -58,6 +59,7 @@ from proxy import config as config_mod  # noqa: E402
 from proxy.registry import Registry  # noqa: E402
 from proxy.store import records as rec  # noqa: E402
 from proxy.store.etcd import EtcdSettings, EtcdStore  # noqa: E402
+from proxy.store.files import FileStore  # noqa: E402
 from tests.certgen import CA  # noqa: E402
 from tests.support import etcd as etcd_support  # noqa: E402
 from tests.support.edge import Edge  # noqa: E402
@@ -682,6 +684,12 @@ def parse_args() -> argparse.Namespace:
                    help="skip node b's checks (scrape, admin, CLI, bulk add, worker kill)")
     p.add_argument("--files", type=int, default=0, metavar="N",
                    help="instead: one node on a file store of N domains (start-up only)")
+    p.add_argument("--no-checkpoints", action="store_true",
+                   help="with --files: remove the store's checkpoints/ before each start "
+                        "(a store restored from a backup of its data only)")
+    p.add_argument("--cold", action="store_true",
+                   help="with --files: drop the store's files from the page cache before "
+                        "each start (posix_fadvise: file data, not inodes; no root needed)")
     p.add_argument("--keep", action="store_true", help="keep the work dir (etcd, logs)")
     p.add_argument("--quick", action="store_true", help="2,000 domains, 5 uploads, 200 names")
     opts = p.parse_args()
@@ -724,10 +732,41 @@ def baseline(bench: Bench) -> dict[str, float | None]:
     return rss
 
 
+def evict(path: Path) -> int:
+    """Drop the cached pages of every file under `path` (a store read from disk after a
+    reboot or a restore, as far as file data goes: inodes stay cached); the files."""
+    count = 0
+    for directory, _, names in os.walk(path):
+        for name in names:
+            with contextlib.suppress(OSError):
+                fd = os.open(os.path.join(directory, name), os.O_RDONLY | os.O_CLOEXEC)
+                try:
+                    os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+                    count += 1
+                finally:
+                    os.close(fd)
+    return count
+
+
+def checkpoints_back(path: Path, started: float, timeout: float) -> float | None:
+    """Seconds from `started` (the node's start) until it has written the store's
+    checkpoints again (each file appears whole, renamed into place); None if they are
+    not all back within `timeout`."""
+    wanted = [path / "checkpoints" / f"{s}.ckpt" for s in ("domains", "certs", "pem")]
+    while not all(p.exists() for p in wanted):
+        if time.monotonic() - started > timeout:
+            return None
+        time.sleep(0.1)
+    return round(time.monotonic() - started, 2)
+
+
 def files_run(opts: argparse.Namespace) -> dict[str, Any]:
     """One node (2 workers) on a FileStore of --files domains (benchmarks/certs.py's
     seeded store, cached): start-up to the first handshake, twice (the first may write
-    the store's checkpoints), RSS and the longest worker stall after start-up."""
+    the store's checkpoints), RSS and the longest worker stall after start-up. With
+    --no-checkpoints the store's checkpoints/ is removed before each start, and each
+    run also times how long after its start the node has them written again; with
+    --cold the store's files are dropped from the page cache before each start."""
     from certs import seeded_store
 
     store = seeded_store(opts.files)
@@ -739,7 +778,12 @@ def files_run(opts: argparse.Namespace) -> dict[str, Any]:
         edge = Edge(workdir, config, start=False)
         try:
             for _ in range(2):
+                if opts.no_checkpoints:
+                    shutil.rmtree(store.path / "checkpoints", ignore_errors=True)
+                if opts.cold:
+                    evict(store.path)
                 probe = len(store.names) // 2
+                started = time.monotonic()
                 run = probes.files_startup(edge, store.names[probe], store.fingerprints[probe],
                                            served, opts.start_timeout)
                 while "store read:" not in edge.log().rsplit("serving https", 1)[-1]:
@@ -747,11 +791,18 @@ def files_run(opts: argparse.Namespace) -> dict[str, Any]:
                 time.sleep(5.0)
                 run["rss_mib"] = node_rss(edge)
                 run["startup_stall_max_s"] = probes.startup_stall(edge)
+                if opts.no_checkpoints:
+                    run["checkpoints_back_s"] = checkpoints_back(store.path, started,
+                                                                opts.start_timeout)
                 runs.append(run)
                 edge.stop(timeout=20)
         finally:
             edge.kill()
-    return {"files": opts.files, "runs": runs}
+        if opts.no_checkpoints and checkpoints_back(store.path, time.monotonic(), 0) is None:
+            # Leave the cached store as other runs expect it.
+            asyncio.run(FileStore(store.path).checkpoint())
+    return {"files": opts.files, "no_checkpoints": opts.no_checkpoints, "cold": opts.cold,
+            "runs": runs}
 
 
 def main() -> None:

@@ -16,8 +16,10 @@ Layout of the store directory (0700; every file 0600, created so, never chmod-ed
                   only the records the change log names after that revision: 100,000
                   certificates cost one sequential read (~0.3 s) instead of a walk over
                   200,000 files (~3 s warm, far more cold). Rewritten when the log is
-                  compacted and when a scan finds it far behind; never needed for
-                  correctness (missing, damaged or too old: the scan walks the files).
+                  compacted and when a scan finds it far behind (once that scan's
+                  caller has its pages: serve first, checkpoint after); never needed for
+                  correctness (missing, damaged or too old: the scan walks the files,
+                  reading ahead: 100,000 domains in ~2 s from a cold page cache).
 
 Distinct suffixes (".d", ".rec", ".tmp") keep a key and the keys below it (`a`, `a/b`) and
 temporary files from ever sharing a name. A write, under LOCK_EX: append + fdatasync the
@@ -30,8 +32,10 @@ from __future__ import annotations
 
 import asyncio
 import bisect
+import collections
 import contextlib
 import fcntl
+import functools
 import json
 import logging
 import os
@@ -39,7 +43,7 @@ import secrets
 import socket
 import threading
 import time
-from collections.abc import AsyncIterator, Callable, Iterator, Sequence
+from collections.abc import AsyncIterator, Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import ParamSpec, TypeVar
@@ -64,6 +68,8 @@ _PAGE = 10_000  # items per page of scan_pages
 _BATCH = 4096  # log entries handled per LOCK_SH hold, so a catching-up watcher never
 #                holds writers off for long
 _READ_MAX = 1 << 20
+_FIRST_READ = 1 << 16  # bytes of a record file's first read (most records are < 4 KiB)
+_AHEAD = 128  # record files a walk opens and starts reading ahead of the one it reads
 _ENTRY_MAX = MAX_KEY + 32  # bytes of a change-log line at most: revision, op, key
 # A scan that walked a segment of at least this many records, or replayed more changed
 # keys than this on top of its checkpoint, writes a fresh checkpoint (outside the lock).
@@ -77,13 +83,65 @@ def _encode_record(revision: int, value: bytes) -> bytes:
     return b"%s%d %d\n" % (_REC_MAGIC, revision, len(value)) + value
 
 
-def _read_record(path: str, *, header_only: bool = False) -> tuple[int, bytes] | None:
-    """(revision, value) of the record file at `path`, or None when there is none."""
+def _open_record(path: str) -> int | None:
+    """A descriptor of the record file at `path`, or None when there is none."""
     try:
-        with open(path, "rb") as f:
-            data = f.read(64) if header_only else f.read()
+        return os.open(path, os.O_RDONLY | os.O_CLOEXEC)
     except (FileNotFoundError, NotADirectoryError):
         return None
+
+
+def _read_open(fd: int, path: str, *, header_only: bool = False) -> tuple[int, bytes]:
+    """(revision, value) of the record file open at `fd` (which this closes).
+
+    One read(2) for a whole record up to _FIRST_READ bytes (a short read of a regular
+    file is its end): half the cost of a buffered file object, which a walk over
+    100,000 records pays 100,000 times."""
+    try:
+        data = os.read(fd, 64 if header_only else _FIRST_READ)
+        if len(data) == _FIRST_READ and not header_only:
+            chunks = [data]
+            while chunk := os.read(fd, _READ_MAX):
+                chunks.append(chunk)
+            data = b"".join(chunks)
+    finally:
+        os.close(fd)
+    return _parse_record(path, data, header_only)
+
+
+def _read_record(path: str, *, header_only: bool = False) -> tuple[int, bytes] | None:
+    """(revision, value) of the record file at `path`, or None when there is none."""
+    fd = _open_record(path)
+    return None if fd is None else _read_open(fd, path, header_only=header_only)
+
+
+def _read_records(paths: Iterable[str]) -> Iterator[tuple[int, bytes] | None]:
+    """_read_record of each path, in order, with the reads of the next _AHEAD files
+    started (POSIX_FADV_WILLNEED on a descriptor opened ahead) before each one waits
+    for its own: on a cold page cache (a store restored from a backup, a node after a
+    reboot) the disk then serves them together, not one at a time (~90 us a record
+    file -> ~20 us, measured; no slower warm)."""
+    ahead: collections.deque[tuple[str, int | None]] = collections.deque()
+    try:
+        for path in paths:
+            fd = _open_record(path)
+            if fd is not None:
+                with contextlib.suppress(OSError):
+                    os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_WILLNEED)
+            ahead.append((path, fd))
+            if len(ahead) > _AHEAD:
+                path, fd = ahead.popleft()
+                yield None if fd is None else _read_open(fd, path)
+        while ahead:
+            path, fd = ahead.popleft()
+            yield None if fd is None else _read_open(fd, path)
+    finally:  # stopped early (or a damaged record): the descriptors opened ahead
+        for _, fd in ahead:
+            if fd is not None:
+                os.close(fd)
+
+
+def _parse_record(path: str, data: bytes, header_only: bool) -> tuple[int, bytes]:
     nl = data.find(b"\n", 0, 64)
     try:
         if nl < 0 or not data.startswith(_REC_MAGIC):
@@ -243,11 +301,8 @@ class FileStore:
 
     @staticmethod
     def _get_many_sync(keys: list[str], paths: list[str]) -> list[Item | None]:
-        found: list[Item | None] = []
-        for key, path in zip(keys, paths, strict=True):
-            record = _read_record(path)
-            found.append(None if record is None else Item(key, record[1], record[0]))
-        return found
+        return [None if record is None else Item(key, record[1], record[0])
+                for key, record in zip(keys, _read_records(paths), strict=True)]
 
     async def scan(self, prefix: str) -> list[Item]:
         _check_prefix(prefix)
@@ -282,11 +337,17 @@ class FileStore:
             pager.close()
 
     def _pager(self, prefix: str, after: str) -> _ListPager | _CheckpointPager:
+        """Serve first, checkpoint after: a checkpoint this scan finds worth writing is
+        written once its caller is done with the pages (the pager's close), so that a
+        node starting on a store without checkpoints has its names first, not the disk
+        and CPU busy writing them."""
         head, slash, rest = prefix.partition("/")
         if slash and not rest:
             pager = self._checkpoint_pager(head, after)
             if pager is not None:
                 return pager
+            items, write = self._read_segment(head)
+            return _ListPager(items, after, then=write)
         return _ListPager(self._scan_sync(prefix), after)
 
     def _checkpoint_pager(self, segment: str, after: str) -> _CheckpointPager | None:
@@ -304,11 +365,11 @@ class FileStore:
         except BaseException:
             reader.close()
             raise
+        refresh = None
         if len(changed) > _CHECKPOINT_AFTER:  # the next scans should replay less
-            threading.Thread(target=self._scan_segment, name="store-checkpoint",
-                             args=(segment,), daemon=True).start()
+            refresh = functools.partial(self._scan_segment, segment)
         reader.skip_to(after)
-        return _CheckpointPager(reader, after, changed)
+        return _CheckpointPager(reader, after, changed, then=refresh)
 
     def _item(self, key: str) -> Item | None:
         record = _read_record(self._record_path(key.split("/")))
@@ -358,12 +419,10 @@ class FileStore:
         return found
 
     def _read_walk(self, prefix: str) -> list[Item]:
-        items = []
-        for key, path in self._walk(prefix):
-            record = _read_record(path)
-            if record is not None:
-                items.append(Item(key, record[1], record[0]))
-        return items
+        found = self._walk(prefix)
+        records = _read_records([path for _, path in found])
+        return [Item(key, record[1], record[0])
+                for (key, _), record in zip(found, records, strict=True) if record is not None]
 
     def _scan_sync(self, prefix: str) -> list[Item]:
         head, slash, rest = prefix.partition("/")
@@ -398,10 +457,20 @@ class FileStore:
         return os.path.join(self._checkpoints, segment + checkpoint.SUFFIX)
 
     def _scan_segment(self, segment: str) -> list[Item]:
+        """_read_segment, its checkpoint (if one is due) written in the background."""
+        items, write = self._read_segment(segment)
+        if write is not None:
+            _in_background(write)
+        return items
+
+    def _read_segment(self, segment: str) -> tuple[list[Item], Callable[[], None] | None]:
         """Every record under `segment/`: its checkpoint (or a lock-free walk at a revision
         read first), then, under LOCK_SH, the records the log names after that revision.
         A write that lands during the walk logs its entry after that revision, so the
-        catch-up re-reads its key: the result is the store as of the log's last entry."""
+        catch-up re-reads its key: the result is the store as of the log's last entry.
+        Also the fresh checkpoint to write when the walk was long or the replay many
+        (None otherwise): the caller runs it once it has used the items, in the
+        background (a node starting up would wait ~0.5 s more for 130 MB and an fsync)."""
         found = checkpoint.read(self._checkpoint_path(segment))
         walked = found is None
         if found is None:
@@ -413,11 +482,8 @@ class FileStore:
                 walked = True
         revision, items, replayed = caught_up
         if (walked and len(items) >= _CHECKPOINT_AFTER) or replayed > _CHECKPOINT_AFTER:
-            # In the background: the caller is typically a process starting up, and
-            # writing 130 MB (fsync included) would delay it by ~0.5 s.
-            threading.Thread(target=self._write_checkpoint, name="store-checkpoint",
-                             args=(segment, revision, items), daemon=True).start()
-        return items
+            return items, functools.partial(self._write_checkpoint, segment, revision, items)
+        return items, None
 
     def _tail_locked(self) -> int:
         fd = os.open(self._log_path, os.O_RDONLY | os.O_CLOEXEC)
@@ -765,12 +831,18 @@ class FileStore:
         self._closed = True
 
 
-class _ListPager:
-    """scan_pages over a scan read whole."""
+def _in_background(work: Callable[[], object]) -> None:
+    threading.Thread(target=work, name="store-checkpoint", daemon=True).start()
 
-    def __init__(self, items: list[Item], after: str) -> None:
+
+class _ListPager:
+    """scan_pages over a scan read whole; `then` runs in the background once closed."""
+
+    def __init__(self, items: list[Item], after: str,
+                 then: Callable[[], object] | None = None) -> None:
         self._items = items
         self._next = bisect.bisect_right(items, after, key=_item_key) if after else 0
+        self._then = then
 
     def take(self, count: int) -> list[Item]:
         start = self._next
@@ -779,16 +851,22 @@ class _ListPager:
 
     def close(self) -> None:
         self._items = []
+        then, self._then = self._then, None
+        if then is not None:
+            _in_background(then)
 
 
 class _CheckpointPager:
     """scan_pages over a segment's checkpoint: its items in key order, except those the
     log changed after it (`changed`: key -> the record now, None if deleted), whose
-    current records are merged in at their place."""
+    current records are merged in at their place. `then` runs in the background once
+    closed."""
 
     def __init__(self, reader: checkpoint.Reader, after: str,
-                 changed: dict[str, Item | None]) -> None:
+                 changed: dict[str, Item | None],
+                 then: Callable[[], object] | None = None) -> None:
         self._reader = reader
+        self._then = then
         self._stale = changed.keys()
         self._fresh = sorted((i for i in changed.values() if i is not None and i.key > after),
                              key=_item_key)
@@ -816,6 +894,9 @@ class _CheckpointPager:
 
     def close(self) -> None:
         self._reader.close()
+        then, self._then = self._then, None
+        if then is not None:
+            _in_background(then)
 
 
 class FileLease:
