@@ -7,6 +7,7 @@ store. Each returns a JSON-ready dict; nothing here writes outside the node's wo
 from __future__ import annotations
 
 import concurrent.futures
+import gc
 import os
 import re
 import signal
@@ -74,20 +75,45 @@ def scrape(edge: Edge, times: int = 20) -> dict[str, Any]:
 
 
 def admin_pages(edge: Edge, queries: dict[str, str], calls: int = 100) -> dict[str, Any]:
-    """`calls` GET /api/v1/domains per query (kind -> query string): latency and size."""
+    """`calls` GET /api/v1/domains per query (kind -> query string): latency and size,
+    and each call's latency in call order (`samples_ms`: which calls are slow), with
+    the longest pause this process's own garbage collector made meanwhile."""
     api = AdminClient(edge, token=admin_token(edge))
     out: dict[str, Any] = {}
-    for kind, query in queries.items():
-        took, rows = [], 0
-        for _ in range(calls):
-            started = time.perf_counter()
-            reply = api.request("GET", f"/api/v1/domains?{query}")
-            took.append((time.perf_counter() - started) * 1000)
-            if reply.status != 200:
-                raise RuntimeError(f"admin API {query}: {reply.status} {reply.text[:200]}")
-            rows = len(reply.json()["domains"])
-        out[kind] = {"query": query, "rows": rows, "ms": percentiles(took)}
+    collecting = [0.0, 0.0]  # when the current collection began, the longest one (s)
+
+    def collector(phase: str, _info: dict[str, int]) -> None:
+        if phase == "start":
+            collecting[0] = time.perf_counter()
+        else:
+            collecting[1] = max(collecting[1], time.perf_counter() - collecting[0])
+
+    gc.callbacks.append(collector)
+    try:
+        for kind, query in queries.items():
+            out[kind] = _pages(api, query, calls, collecting)
+    finally:
+        gc.callbacks.remove(collector)
     return out
+
+
+def _pages(api: AdminClient, query: str, calls: int, collecting: list[float]
+           ) -> dict[str, Any]:
+    took, rows = [], 0
+    collecting[1] = 0.0
+    began = time.time()
+    for _ in range(calls):
+        started = time.perf_counter()
+        reply = api.request("GET", f"/api/v1/domains?{query}")
+        took.append((time.perf_counter() - started) * 1000)
+        if reply.status != 200:
+            raise RuntimeError(f"admin API {query}: {reply.status} {reply.text[:200]}")
+        rows = len(reply.json()["domains"])
+    return {"query": query, "rows": rows, "ms": percentiles(took), "started_at": began,
+            "client_gc_max_ms": round(collecting[1] * 1000, 1),
+            "samples_ms": [round(t, 1) for t in took],
+            "slowest": [f"#{i}:{took[i]:.0f}" for i in sorted(
+                range(len(took)), key=took.__getitem__)[-3:][::-1]]}
 
 
 def cli_list(edge: Edge) -> dict[str, Any]:

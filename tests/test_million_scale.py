@@ -459,3 +459,41 @@ def test_the_supervisors_sorted_names_follow_adds_and_removals() -> None:
     assert list(ordered.after("")) == everything and len(ordered) == len(names)
     for start in ("", "site4", name_of(4321), "site9", "zzz"):
         assert list(ordered.after(start))[:50] == [n for n in everything if n > start][:50]
+
+
+def test_a_listing_pages_records_are_read_in_transactions_in_flight_together(
+        etcd: EtcdServer) -> None:
+    """A page of 100 domains needs 400 keys, a transaction per 128 of them: they go to
+    etcd together (at most four at once), not one after the other, so a page waits for
+    one round trip (and one slow answer of a busy etcd) instead of four; what comes back
+    is still each key's item in the asked order."""
+    from proxy.store.base import MAX_WRITES
+    from proxy.store.etcd import EtcdSettings, EtcdStore
+
+    keys = [rec.domain_key(name_of(i)) for i in range(5 * MAX_WRITES)]  # 5 transactions
+    seed(etcd.endpoint, [(key, key.encode()) for key in keys[::3]])
+    wanted = [*reversed(keys), "domains/none.example"]
+
+    async def body() -> None:
+        store = EtcdStore(EtcdSettings(endpoints=(etcd.endpoint,), prefix=PREFIX))
+        unary, now, most = store._unary, [0], [0]
+
+        async def counted(op: str, *args: Any) -> Any:
+            now[0] += op == "get"
+            most[0] = max(most[0], now[0])
+            try:
+                return await unary(op, *args)
+            finally:
+                now[0] -= op == "get"
+
+        try:
+            store._unary = counted  # type: ignore[method-assign]
+            found = await store.get_many(wanted)
+            assert most[0] == 4  # 4 transactions together, then the fifth
+            store._unary = unary  # type: ignore[method-assign]
+            assert found == [await store.get(key) for key in wanted]
+            assert sum(item is not None for item in found) == len(keys[::3])
+        finally:
+            await store.close()
+
+    asyncio.run(body())
