@@ -463,8 +463,7 @@ class Supervisor:
             from proxy import cluster
 
             later["node-record"] = lambda: cluster.announce(
-                store, config.node.name, lambda: state.revision, stop,
-                orders=config.acme is not None)
+                store, config.node.name, lambda: state.revision, stop)
         if config.acme is not None:
             later["lifecycle"] = lambda: self._lifecycle(store, config, stop)
         if self.admin is not None:
@@ -553,17 +552,10 @@ class Supervisor:
             from proxy.lifecycle.dns01 import Dns01, Dns01Settings
 
             dns01 = Dns01(Dns01Settings.from_config(acme.dns01), dns)
-        shares = None
-        if config.store.backend == "etcd":
-            from proxy.lifecycle.shares import Shares
-
-            # The others hold a domain back for as long as a lock lives: the first
-            # node orders it in that time, or is gone (its record stops beating).
-            shares = Shares(store, config.node.name, grace=acme.lock_ttl, clock=time.time)
         lifecycle = self.lifecycle = Lifecycle(store, registry, issuers, dns, LifecycleSettings(
             check_interval=acme.dns.check_interval, concurrency=acme.concurrency,
             lock_ttl=acme.lock_ttl, rescan=300.0), dns01=dns01,
-            budget=Budget(store, issuers.budgets), shares=shares)
+            budget=Budget(store, issuers.budgets))
         try:
             await lifecycle.run(stop)
         finally:

@@ -37,9 +37,6 @@ class NodeRecord(rec.Record, frozen=True):
     heartbeat_at: float
     applied_revision: int
     interval: float = HEARTBEAT
-    # Runs a lifecycle (has an `acme:` section): takes a share of the orders
-    # (lifecycle/shares.py). Records of earlier versions read False: no share.
-    orders: bool = False
 
 
 def node_key(name: str) -> str:
@@ -47,8 +44,7 @@ def node_key(name: str) -> str:
 
 
 async def announce(store: Store, name: str, applied: Callable[[], int],
-                   stop: asyncio.Event, *, interval: float = HEARTBEAT,
-                   orders: bool = False) -> None:
+                   stop: asyncio.Event, *, interval: float = HEARTBEAT) -> None:
     """Keep `nodes/<name>` current until `stop`, then remove it. Also sets the watch-lag
     gauge. A store outage is logged once per outage and retried at the next beat."""
     started = time.time()
@@ -59,8 +55,7 @@ async def announce(store: Store, name: str, applied: Callable[[], int],
             metrics.STORE_WATCH_LAG.set(max(0, revision - applied()))
             record = NodeRecord(name=name, host=socket.gethostname(), pid=os.getpid(),
                                 started_at=started, heartbeat_at=time.time(),
-                                applied_revision=applied(), interval=interval,
-                                orders=orders)
+                                applied_revision=applied(), interval=interval)
             await store.put(node_key(name), rec.encode(record))
             if failing:
                 log.info("store reachable again; node record %s updated", name)

@@ -15,13 +15,11 @@ from typing import Any
 import pytest
 
 from proxy.certs.bundle import load_bundle
-from proxy.cluster import NodeRecord, node_key
 from proxy.errors import RegistryError
 from proxy.lifecycle import renewal
 from proxy.lifecycle.acme import AcmeClient, AcmeSettings, Issued
 from proxy.lifecycle.dnscheck import DnsChecker, DnsSettings
 from proxy.lifecycle.domains import Lifecycle, LifecycleSettings
-from proxy.lifecycle.shares import Shares
 from proxy.registry import Registry
 from proxy.store import records as rec
 from proxy.store.files import FileStore
@@ -377,113 +375,5 @@ def test_a_tick_reads_no_certificate_of_a_domain_its_status_says_is_not_due(
         finally:
             client.close()
             await store.close()
-
-    in_store(store_path, scenario)
-
-
-# ------------------------------------------------------------- shares in a cluster
-
-
-async def beat(store: FileStore, node: str, at: float, *, orders: bool = True) -> None:
-    """A node record as `cluster.announce` writes it, last beaten at `at`."""
-    record = NodeRecord(name=node, host="test", pid=1, started_at=at, heartbeat_at=at,
-                        applied_revision=0, orders=orders)
-    await store.put(node_key(node), rec.encode(record))
-
-
-def owned_by(node: str, other: str, prefix: str) -> str:
-    """A domain name whose first node, of `node` and `other`, is `node`."""
-    for i in range(1000):
-        name = f"{prefix}{i}.example.test"
-        if _first_of(node, other, name):
-            return name
-    raise AssertionError("no name found")
-
-
-def _first_of(node: str, other: str, name: str) -> bool:
-    shares = Shares(None, node, grace=0, clock=time.time)  # type: ignore[arg-type]
-    shares.others = (other,)
-    return shares.first(name)
-
-
-def test_cluster_nodes_order_each_domain_first_on_its_own_node_and_take_over_a_silent_one(
-        store_path: Path, pebble: Pebble, dns: DNSServer) -> None:
-    """Two nodes (two lifecycles on one store, each with its node record): a domain
-    that falls due is worked on by its first node only; the other holds it back for
-    the grace and then finds it issued. A first node whose record stopped beating is
-    not waited for: its domains are ordered by the other at once."""
-    async def scenario(store: FileStore) -> None:
-        clock = Clock()
-        a, registry, client_a = make_lifecycle(store, pebble, dns, clock)
-        b, _, client_b = make_lifecycle(store, pebble, dns, clock)
-        a.shares = Shares(store, "a", grace=30.0, clock=clock)
-        b.shares = Shares(store, "b", grace=30.0, clock=clock)
-        await beat(store, "a", clock.now)
-        await beat(store, "b", clock.now)
-        await beat(store, "c", clock.now, orders=False)  # serves, runs no lifecycle
-        mine = owned_by("a", "b", "first")
-        try:
-            dns.set_a(mine, ["127.0.0.1"])
-            await registry.add_domain(mine, "my-app")
-            added = await registry.status(mine)
-            # b looks first: not its domain, held back, its status untouched.
-            assert await one_pass(b) == 0
-            assert b.shares.others == ("a",)
-            assert await registry.status(mine) == added
-            assert await one_pass(a) == 1
-            status = await registry.status(mine)
-            assert status is not None and status.state == "issued"
-            # Past the grace, b's change notice says it is issued: nothing to do.
-            clock.now += 31
-            await beat(store, "a", clock.now)
-            await beat(store, "b", clock.now)
-            b.notify([mine])
-            assert await one_pass(b) == 0
-            assert await registry.certificate(mine, "acme") is not None
-
-            # a stops beating (crashed): three missed intervals later b orders a's
-            # new domain at once, with no grace.
-            silent = owned_by("a", "b", "silent")
-            clock.now += 3 * 5.0 + 6  # the record's interval is 5 s; refresh every 5 s
-            await beat(store, "b", clock.now)
-            dns.set_a(silent, ["127.0.0.1"])
-            await registry.add_domain(silent, "my-app")
-            assert await one_pass(b) == 1
-            assert b.shares.others == ()
-            status = await registry.status(silent)
-            assert status is not None and status.state == "issued"
-        finally:
-            client_a.close()
-            client_b.close()
-
-    in_store(store_path, scenario)
-
-
-def test_a_held_domain_is_ordered_by_the_other_node_once_the_grace_ends(
-        store_path: Path, pebble: Pebble, dns: DNSServer) -> None:
-    """The first node is alive but does not order (stuck, or its CA path is broken):
-    the other node waits the grace, then orders; the lock still decides."""
-    async def scenario(store: FileStore) -> None:
-        clock = Clock()
-        b, registry, client = make_lifecycle(store, pebble, dns, clock)
-        b.shares = Shares(store, "b", grace=30.0, clock=clock)
-        await beat(store, "a", clock.now)
-        await beat(store, "b", clock.now)
-        name = owned_by("a", "b", "stuck")
-        try:
-            dns.set_a(name, ["127.0.0.1"])
-            await registry.add_domain(name, "my-app")
-            assert await one_pass(b) == 0
-            clock.now += 29
-            await beat(store, "a", clock.now)  # alive all along
-            assert await one_pass(b) == 0
-            clock.now += 2  # the grace (30 s from when it fell due) is over
-            await beat(store, "a", clock.now)  # still beating
-            assert await one_pass(b) == 1
-            assert b.shares.others == ("a",)
-            status = await registry.status(name)
-            assert status is not None and status.state == "issued"
-        finally:
-            client.close()
 
     in_store(store_path, scenario)

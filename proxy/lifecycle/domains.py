@@ -38,7 +38,6 @@ from proxy.lifecycle.budget import Ask, Budget, Wait, urgency
 from proxy.lifecycle.dns01 import Dns01
 from proxy.lifecycle.dnscheck import DnsChecker, DnsVerdict
 from proxy.lifecycle.issuers import Issuers, current, dispatch
-from proxy.lifecycle.shares import Shares
 from proxy.registry import Registry, utc_text
 from proxy.store import records as rec
 from proxy.store.base import Item, Lease, Store
@@ -89,16 +88,13 @@ class Lifecycle:
     def __init__(self, store: Store, registry: Registry, acme: AcmeClient | Issuers,
                  dns: DnsChecker, settings: LifecycleSettings, *,
                  clock: Callable[[], float] = time.time, dns01: Dns01 | None = None,
-                 budget: Budget | None = None, shares: Shares | None = None) -> None:
+                 budget: Budget | None = None) -> None:
         self.store = store
         # The CAs (acme.issuers) and the order budget that keeps to their rate limits
         # (none: orders go out as they come, as a lifecycle built for tests has it).
         self.issuers = acme if isinstance(acme, Issuers) else Issuers.single(
             store, acme, lock_ttl=settings.lock_ttl)
         self.budget = budget
-        # In a cluster: which node goes first for a domain (none: this one, always).
-        self.shares = shares
-        self._held: dict[str, float] = {}  # name -> when it fell due, held for its first node
         self.dns01 = dns01  # DNS-01 through the platform's zone (acme.dns01), if set
         self._sweep_at = 0.0  # when to look for TXT records orders left behind
         self.registry = registry
@@ -192,15 +188,10 @@ class Lifecycle:
                     await self._refresh(name, now)
         started = []
         heap = self._heap
-        shares = self.shares
-        if shares is not None:
-            await shares.refresh()
         while heap and heap[0][0] <= now:
             due, name = heapq.heappop(heap)
             if self._due.get(name) != due or name in self._inflight:
                 continue  # superseded by a later due time, or already being worked on
-            if shares is not None and self._hold(shares, name, now):
-                continue
             del self._due[name]
             task = asyncio.create_task(self._work(name), name=f"lifecycle {name}")
             self._inflight[name] = task
@@ -208,20 +199,6 @@ class Lifecycle:
             started.append(task)
         metrics.RENEWALS_DUE.set(len(self._inflight))
         return started
-
-    def _hold(self, shares: Shares, name: str, now: float) -> bool:
-        """Whether `name`, due now, waits for its first node (due again when its grace
-        ends; the first node's status change brings its due time forward or later)."""
-        if shares.first(name):
-            self._held.pop(name, None)
-            return False
-        since = self._held.setdefault(name, now)
-        if now >= since + shares.grace:
-            del self._held[name]
-            return False
-        self._due[name] = since + shares.grace
-        heapq.heappush(self._heap, (since + shares.grace, name))
-        return True
 
     async def _rescan(self, now: float) -> None:
         self._dirty.clear()  # what changes from here on is seen by the scans or marked again
@@ -243,8 +220,6 @@ class Lifecycle:
                 continue
         self._heap = [(due, name) for name, due in self._due.items()]
         heapq.heapify(self._heap)
-        due = self._due
-        self._held = {n: t for n, t in self._held.items() if due.get(n, now + 1) <= now}
         self._scanned_at = now
 
     async def _sweep_dns01(self, now: float) -> None:
@@ -267,8 +242,6 @@ class Lifecycle:
                 due = await self._due_time(name, status, now)
         except Unreadable:
             due = None
-        if due is None or due > now:
-            self._held.pop(name, None)  # done (by its first node) or not due yet
         if due is None:
             self._due.pop(name, None)
         else:
