@@ -9,7 +9,7 @@ test:            ## install everything the tests need, then run the whole suite
 lint:
 	.venv/bin/ruff check proxy tests benchmarks && .venv/bin/mypy && .venv/bin/lint-imports
 
-bench:           ## cost per connection beside nginx, HAProxy, Caddy and the floor, 1 and 2 workers (~35 min), then ACME at scale
+bench:           ## cost per connection beside nginx, HAProxy, Caddy and the two floors, 1 and 2 workers (~42 min), then ACME at scale
 	bash scripts/setup.sh test && .venv/bin/python benchmarks/compare.py && \
 		.venv/bin/python benchmarks/acme_scale.py
 

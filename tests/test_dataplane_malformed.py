@@ -5,7 +5,6 @@ give 502 and never reach the client. Raw bytes on real TLS sockets to `tlsedge r
 from __future__ import annotations
 
 import socket
-import threading
 from collections.abc import Iterator
 
 import pytest
@@ -14,34 +13,28 @@ from tests.certgen import CA
 from tests.conftest import PLATFORM
 from tests.support.backend import Backend
 from tests.support.edge import Edge, read_response
+from tests.support.rawserver import RawServer
 
 APP = f"my-app.{PLATFORM}"
 RAW = f"raw.{PLATFORM}"
 
 
-class CannedBackend:
+class CannedBackend(RawServer):
     """Answers every connection with fixed bytes (after reading the request head)."""
 
     def __init__(self) -> None:
         self.answer = b""
-        self.sock = socket.create_server(("127.0.0.1", 0))
-        self.port = self.sock.getsockname()[1]
-        threading.Thread(target=self._serve, daemon=True).start()
+        super().__init__()
 
-    def _serve(self) -> None:
-        while True:
-            try:
-                conn, _ = self.sock.accept()
-            except OSError:
-                return
-            with conn:
-                data = b""
-                while b"\r\n\r\n" not in data:
-                    chunk = conn.recv(65536)
-                    if not chunk:
-                        break
-                    data += chunk
-                conn.sendall(self.answer)
+    def serve(self, conn: socket.socket) -> None:
+        with conn:
+            data = b""
+            while b"\r\n\r\n" not in data:
+                chunk = conn.recv(65536)
+                if not chunk:
+                    break
+                data += chunk
+            conn.sendall(self.answer)
 
 
 class Setup:
