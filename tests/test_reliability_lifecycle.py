@@ -214,11 +214,11 @@ def test_a_lifecycle_pass_that_raises_is_logged_and_the_next_pass_goes_on(
 
         explosions = 2
 
-        async def scan(self, prefix: str) -> Any:
+        def scan_pages(self, prefix: str, **how: Any) -> Any:
             if self.explosions:
                 self.explosions -= 1
                 raise RuntimeError("injected: scan exploded")
-            return await super().scan(prefix)
+            return super().scan_pages(prefix, **how)
 
     async def scenario() -> None:
         store = ExplodingScans(tmp_path / "store")
