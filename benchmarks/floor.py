@@ -151,6 +151,7 @@ def _upstream_protocol(http: bool) -> Any:
             self.client.transport.resume_reading()
 
         def connection_lost(self, exc: Exception | None) -> None:
+            self.feed = None  # the parser holds our methods: free both now, not at a GC
             self.client.transport.close()  # after what is buffered (close_notify)
 
     return Upstream
@@ -217,6 +218,7 @@ def _client_protocol(loop: Any, backend: tuple[str, int], http: bool) -> Any:
                 self.upstream.resume_reading()
 
         def connection_lost(self, exc: Exception | None) -> None:
+            self.feed = None  # the parser holds our methods: free both now, not at a GC
             if self.upstream is not None:
                 self.upstream.close()
 
